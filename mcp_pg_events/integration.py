@@ -1,0 +1,140 @@
+"""Giving every MCP session its own scoped event store, on mcp 1.x and 2.x.
+
+The session manager reads its public ``event_store`` attribute once per new
+session, to build that session's transport. Turning the attribute into a property
+that returns a fresh per-session store scopes every transport, without touching
+private names of the SDK.
+
+The SDK picks the session id inside the same call that reads the attribute, so
+it is not known yet. A session's store starts under a provisional key and moves
+to the real MCP session id when the ``mcp-session-id`` header of the response
+that opened the session goes out; operators then find the session's streams
+under the id that clients and logs show. Events stored before that (the opening
+request's own stream) stay under the provisional key, and replay looks there too.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
+
+from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from starlette.types import Message, Receive, Scope, Send
+
+PROVISIONAL_PREFIX = "provisional-"
+_SESSION_HEADER = b"mcp-session-id"
+
+# The stores made while handling the current request, waiting for the session id.
+_unbound: contextvars.ContextVar[list[_SessionBinding] | None] = contextvars.ContextVar(
+    "mcp_pg_events_unbound", default=None
+)
+
+
+@runtime_checkable
+class SessionScopedStore(Protocol):
+    """A store shared by all sessions that makes one ``EventStore`` per session key."""
+
+    def session(self, key: str) -> EventStore: ...
+
+
+class _SessionBinding(EventStore):
+    """One transport's event store: the backing store's view of its session."""
+
+    def __init__(self, backing: SessionScopedStore) -> None:
+        self._backing = backing
+        # Newest scope first: appends go to it, replays try each in turn.
+        self._scopes = [backing.session(PROVISIONAL_PREFIX + uuid.uuid4().hex)]
+
+    def bind(self, session_id: str) -> None:
+        self._scopes.insert(0, self._backing.session(session_id))
+
+    async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
+        return await self._scopes[0].store_event(stream_id, message)
+
+    async def replay_events_after(self, last_event_id: EventId, send_callback: EventCallback) -> StreamId | None:
+        for scope in self._scopes:
+            stream_id = await scope.replay_events_after(last_event_id, send_callback)
+            if stream_id is not None:
+                return stream_id
+        return None
+
+
+class _ScopesSessions:
+    """Mixin for a StreamableHTTPSessionManager class: per-session event stores."""
+
+    _scoped_backing: SessionScopedStore | None
+
+    @property
+    def event_store(self) -> EventStore | None:
+        backing = self._scoped_backing
+        if backing is None:
+            return None
+        binding = _SessionBinding(backing)
+        unbound = _unbound.get()
+        if unbound is not None:
+            unbound.append(binding)
+        return binding
+
+    @event_store.setter
+    def event_store(self, store: EventStore | None) -> None:
+        if store is not None and not isinstance(store, SessionScopedStore):
+            raise TypeError(
+                f"{type(store).__name__} has no session(key) method: a store shared by every session "
+                "must be able to give each session its own view"
+            )
+        self._scoped_backing = store
+
+    async def handle_request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        unbound: list[_SessionBinding] = []
+        token = _unbound.set(unbound)
+
+        async def send_and_bind(message: Message) -> None:
+            if unbound and message["type"] == "http.response.start":
+                for name, value in message.get("headers", ()):
+                    if name.lower() == _SESSION_HEADER:
+                        for binding in unbound:
+                            binding.bind(value.decode("latin-1"))
+                        unbound.clear()
+            await send(message)
+
+        try:
+            await super().handle_request(scope, receive, send_and_bind)  # type: ignore[misc]
+        finally:
+            _unbound.reset(token)
+
+
+class PostgresSessionManager(_ScopesSessions, StreamableHTTPSessionManager):
+    """A ``StreamableHTTPSessionManager`` that gives every session its own view of the event store.
+
+    Takes the same arguments as ``StreamableHTTPSessionManager``; ``event_store``
+    must have a ``session(key)`` method, as ``PostgresEventStore`` does (or a
+    wrapper that forwards it).
+    """
+
+
+_Manager = TypeVar("_Manager", bound=StreamableHTTPSessionManager)
+_scoped_classes: dict[type[Any], type[Any]] = {StreamableHTTPSessionManager: PostgresSessionManager}
+
+
+def scope_sessions(manager: _Manager) -> _Manager:
+    """Make an existing session manager give each session its own view of its event store.
+
+    For the manager that ``FastMCP.streamable_http_app()`` (mcp 1.x) or
+    ``MCPServer.streamable_http_app()`` (mcp 2.x) builds, reachable as
+    ``server.session_manager``. Call it before the app serves requests. Idempotent.
+    """
+    if isinstance(manager, _ScopesSessions):
+        return manager
+    store = manager.__dict__.get("event_store")
+    if store is not None and not isinstance(store, SessionScopedStore):
+        raise TypeError(f"{type(store).__name__} has no session(key) method; see PostgresEventStore.session")
+    cls = type(manager)
+    scoped = _scoped_classes.get(cls)
+    if scoped is None:
+        scoped = _scoped_classes[cls] = type(f"Scoped{cls.__name__}", (_ScopesSessions, cls), {})
+    manager.__dict__.pop("event_store", None)
+    manager.__class__ = scoped
+    cast(_ScopesSessions, manager).event_store = store
+    return manager

@@ -1,0 +1,41 @@
+"""JSON-RPC messages to bytes and back, on mcp 1.x and 2.x alike.
+
+1.x wraps every message in the pydantic RootModel ``mcp.types.JSONRPCMessage``;
+2.x has a plain union in ``mcp_types`` with a TypeAdapter. Both dump with
+``exclude_unset`` so that what comes back compares equal to what was stored,
+explicit ``None`` values and extra fields included.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mcp.server.streamable_http import EventMessage
+
+if TYPE_CHECKING:
+    from mcp.server.streamable_http import EventId
+
+try:  # mcp 2.x
+    from mcp_types import jsonrpc_message_adapter as _adapter
+
+    def load_message(data: bytes) -> Any:
+        """The message stored as ``data``."""
+        return _adapter.validate_json(data)
+
+except ImportError:  # mcp 1.x
+    from mcp.types import JSONRPCMessage as _RootMessage
+
+    def load_message(data: bytes) -> Any:
+        """The message stored as ``data``."""
+        return _RootMessage.model_validate_json(data)
+
+
+def dump_message(message: Any) -> bytes:
+    """``message`` as UTF-8 JSON bytes, exactly as it was set."""
+    data: str = message.model_dump_json(by_alias=True, exclude_unset=True)
+    return data.encode()
+
+
+def event_message(data: bytes, event_id: EventId) -> EventMessage:
+    """The ``EventMessage`` the SDK's replay callback takes."""
+    return EventMessage(load_message(data), event_id)

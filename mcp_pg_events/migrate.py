@@ -1,0 +1,43 @@
+"""Running the bundled alembic migrations from code and from the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+from .config import resolve_dsn
+
+
+def migrations_dir() -> Path:
+    """The alembic script directory: inside the installed package, else the repository's."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise FileNotFoundError("the mcp-pg-events migrations are not installed next to the package")
+
+
+def alembic_config(dsn: str | None = None) -> Config:
+    """An alembic config for the bundled migrations, on ``dsn`` (or the environment's)."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    if dsn is not None:
+        config.attributes["dsn"] = resolve_dsn(dsn)
+    return config
+
+
+def upgrade(dsn: str | None = None, revision: str = "head") -> None:
+    """Migrate the database up to ``revision``."""
+    command.upgrade(alembic_config(resolve_dsn(dsn)), revision)
+
+
+def downgrade(dsn: str | None, revision: str) -> None:
+    """Migrate the database down to ``revision`` (``base`` removes everything)."""
+    command.downgrade(alembic_config(resolve_dsn(dsn)), revision)
+
+
+def print_sql(revision: str = "head") -> None:
+    """Print the SQL of the migrations up to ``revision``, for teams that apply it themselves."""
+    command.upgrade(alembic_config(), revision, sql=True)

@@ -1,0 +1,102 @@
+"""The one schema definition: SQLAlchemy Core metadata that alembic migrates.
+
+Runtime I/O never goes through SQLAlchemy (see ``sql.py``); this module exists so
+that ``alembic check`` can prove the migrations and the code agree.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Identity,
+    LargeBinary,
+    MetaData,
+    Sequence,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+
+PREFIX = "mcp_events_"
+# The alembic revision this code needs; a test checks it is the migrations' head.
+SCHEMA_REVISION = "0001"
+VERSION_TABLE = "mcp_events_alembic_version"
+SEQUENCE = "mcp_events_seq"
+EVENTS = "mcp_events_events"
+# Child partitions are named after the parent plus the lower bound of their range.
+PARTITION_NAME = re.compile(rf"^{EVENTS}_p\d+$")
+
+metadata = MetaData(
+    naming_convention={
+        "pk": "%(table_name)s_pkey",
+        "fk": "%(table_name)s_%(column_0_name)s_fkey",
+        "uq": "%(table_name)s_%(column_0_N_name)s_key",
+        "ix": "%(table_name)s_%(column_0_N_name)s_idx",
+    }
+)
+
+event_seq = Sequence(SEQUENCE, metadata=metadata)
+
+sessions = Table(
+    "mcp_events_sessions",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    # The scope: the MCP session id, or whatever key the caller passed to session().
+    Column("key", Text, nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("ended_at", DateTime(timezone=True), nullable=True),
+)
+
+streams = Table(
+    "mcp_events_streams",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column(
+        "session_id",
+        BigInteger,
+        ForeignKey("mcp_events_sessions.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    # bytea, not text: a stream id is a JSON-RPC request id chosen by the client and
+    # may hold characters (NUL, lone surrogates) that a text column refuses.
+    Column("name", LargeBinary, nullable=False),
+    # Random per stream and part of every event id, so ids cannot be guessed.
+    Column("tag", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("session_id", "name"),
+)
+
+events = Table(
+    EVENTS,
+    metadata,
+    Column(
+        "stream_key",
+        BigInteger,
+        ForeignKey("mcp_events_streams.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("seq", BigInteger, primary_key=True, server_default=text(f"nextval('{SEQUENCE}'::regclass)")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The JSON-RPC message as UTF-8 JSON bytes, or NULL for a priming event (a cursor
+    # only). bytea, not jsonb: jsonb rejects "\u0000" inside strings, which JSON-RPC
+    # allows, and bytea was the fastest to write (benchmarks/message_column.py).
+    Column("message", LargeBinary, nullable=True),
+    postgresql_partition_by="RANGE (seq)",
+)
+
+
+def is_partition(name: str | None) -> bool:
+    """True for the child partitions of the events table, which alembic must not manage."""
+    return name is not None and PARTITION_NAME.match(name) is not None
+
+
+def owns(name: str | None) -> bool:
+    """True for the objects this library manages, so alembic ignores the host app's tables."""
+    return name is not None and name.startswith(PREFIX) and not is_partition(name)

@@ -1,0 +1,73 @@
+"""Alembic environment for mcp-pg-events.
+
+It keeps its own version table and looks only at ``mcp_events_*`` objects, so it can
+share a database (and a host application's own alembic setup) without touching it.
+"""
+
+import asyncio
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from mcp_pg_events.config import resolve_dsn, sqlalchemy_url
+from mcp_pg_events.schema import VERSION_TABLE, metadata, owns
+
+config = context.config
+if config.config_file_name is not None:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+
+def _include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    # Only tables need filtering: the host app's, and our own partitions.
+    if type_ == "table":
+        return owns(name)
+    return True
+
+
+def _url() -> str:
+    dsn = config.attributes.get("dsn") or context.get_x_argument(as_dictionary=True).get("dsn")
+    return sqlalchemy_url(resolve_dsn(dsn))
+
+
+_OPTIONS = {
+    "target_metadata": metadata,
+    "version_table": VERSION_TABLE,
+    "include_name": _include_name,
+    "compare_type": True,
+}
+
+
+def run_offline() -> None:
+    # Offline mode only needs a dialect, never a server.
+    context.configure(
+        url=config.attributes.get("offline_url") or "postgresql://",
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        **_OPTIONS,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _run_sync(connection: Connection) -> None:
+    context.configure(connection=connection, **_OPTIONS)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_online() -> None:
+    engine = create_async_engine(_url())
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_run_sync)
+            await connection.commit()
+    finally:
+        await engine.dispose()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    asyncio.run(_run_online())
