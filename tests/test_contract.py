@@ -1,0 +1,204 @@
+"""The behaviour every store must have, run against the PostgreSQL store and the test double."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from mcp.server.streamable_http import EventMessage
+
+from mcp_pg_events import PostgresEventStore, StreamIdTooLongError, UnscopedEventStoreError
+from mcp_pg_events.store import MAX_STREAM_ID_BYTES
+
+from .memory_store import MemoryEventStore
+from .messages import error, notification, request, response
+
+VISIBLE_ASCII = re.compile(r"\A[\x21-\x7e]{1,64}\Z")
+
+ODD_MESSAGES = [
+    notification("notifications/message", {"data": "nul \u0000 inside", "level": "info"}),
+    notification("notifications/message", {"data": "unicode é ✓ 🎉 \u2028 \\ \" '", "level": "info"}),
+    notification("n/deep", {"a": [[[[[[[[[[{"b": [1, 2.5, None, True, "x"]}]]]]]]]]]]}),
+    notification("n/no-params"),
+    response(7, {"content": [], "structuredContent": {"k": "v"}}),
+    response("string-id", {"_meta": {"progressToken": 5}}),
+    request(9, "sampling/createMessage", {"messages": [], "maxTokens": 3}),
+    error(10, -32602, "bad params \u0000"),
+]
+
+GARBAGE_IDS = [
+    "",
+    "abc",
+    "9" * 40,
+    "1-1-",
+    "1-1-000000000000-extra",
+    "-1--1-aaaaaaaaaaaa",
+    "99999999999999999999-1-aaaaaaaaaaaa",
+    "é✓-1-aaaaaaaaaaaa",
+    "1-1-aaaa\x00aaaaaaa",
+    "1' OR '1'='1",
+    "1;DROP TABLE mcp_events_events;--",
+    "x" * 10_000,
+]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[EventMessage] = []
+
+    async def __call__(self, event: EventMessage) -> None:
+        self.events.append(event)
+
+
+class StoreContract:
+    """Subclasses provide ``root``: a store shared by all sessions, with session(key)."""
+
+    async def test_replay_sends_what_follows_the_cursor_in_order(self, root: Any) -> None:
+        view = root.session("s1")
+        priming = await view.store_event("1", None)
+        stored = [notification("notifications/progress", {"progress": i}) for i in range(5)]
+        ids = [await view.store_event("1", m) for m in stored]
+
+        got = Recorder()
+        assert await view.replay_events_after(priming, got) == "1"
+        assert [e.event_id for e in got.events] == ids
+        assert [e.message for e in got.events] == stored
+
+        got = Recorder()
+        assert await view.replay_events_after(ids[2], got) == "1"
+        assert [e.event_id for e in got.events] == ids[3:]
+
+    async def test_replay_returns_the_stream_when_nothing_follows(self, root: Any) -> None:
+        view = root.session("s1")
+        last = await view.store_event("1", notification("n"))
+        got = Recorder()
+        assert await view.replay_events_after(last, got) == "1"
+        assert got.events == []
+
+    async def test_priming_events_are_cursors_but_never_replayed(self, root: Any) -> None:
+        view = root.session("s1")
+        first = await view.store_event("1", None)
+        message = notification("n", {"i": 1})
+        await view.store_event("1", message)
+        second_priming = await view.store_event("1", None)
+        got = Recorder()
+        assert await view.replay_events_after(first, got) == "1"
+        assert [e.message for e in got.events] == [message]
+        got = Recorder()
+        assert await view.replay_events_after(second_priming, got) == "1"
+        assert got.events == []
+
+    async def test_streams_of_one_session_stay_apart(self, root: Any) -> None:
+        view = root.session("s1")
+        cursor = await view.store_event("1", None)
+        await view.store_event("2", notification("other stream"))
+        mine = notification("mine")
+        await view.store_event("1", mine)
+        got = Recorder()
+        assert await view.replay_events_after(cursor, got) == "1"
+        assert [e.message for e in got.events] == [mine]
+
+    @pytest.mark.parametrize("stream_id", ["1", "_GET_stream"])
+    async def test_sessions_with_colliding_stream_ids_never_see_each_other(
+        self, root: Any, stream_id: str
+    ) -> None:
+        alice, bob = root.session("alice"), root.session("bob")
+        alice_cursor = await alice.store_event(stream_id, None)
+        bob_cursor = await bob.store_event(stream_id, None)
+        alice_message = notification("for alice")
+        bob_message = notification("for bob")
+        await alice.store_event(stream_id, alice_message)
+        await bob.store_event(stream_id, bob_message)
+
+        got = Recorder()
+        assert await alice.replay_events_after(alice_cursor, got) == stream_id
+        assert [e.message for e in got.events] == [alice_message]
+        got = Recorder()
+        assert await bob.replay_events_after(bob_cursor, got) == stream_id
+        assert [e.message for e in got.events] == [bob_message]
+
+        # Each with the other's cursor: nothing, and no error.
+        got = Recorder()
+        assert await alice.replay_events_after(bob_cursor, got) is None
+        assert await bob.replay_events_after(alice_cursor, got) is None
+        assert got.events == []
+
+    async def test_another_view_of_the_same_session_sees_its_events(self, root: Any) -> None:
+        cursor = await root.session("s1").store_event("1", None)
+        message = notification("n")
+        await root.session("s1").store_event("1", message)
+        got = Recorder()
+        assert await root.session("s1").replay_events_after(cursor, got) == "1"
+        assert [e.message for e in got.events] == [message]
+
+    @pytest.mark.parametrize("garbage", GARBAGE_IDS, ids=lambda g: repr(g[:20]))
+    async def test_malformed_cursors_give_none(self, root: Any, garbage: str) -> None:
+        view = root.session("s1")
+        await view.store_event("1", notification("n"))
+        got = Recorder()
+        assert await view.replay_events_after(garbage, got) is None
+        assert got.events == []
+
+    async def test_forged_cursor_gives_none(self, root: Any) -> None:
+        view = root.session("s1")
+        real = await view.store_event("1", None)
+        await view.store_event("1", notification("n"))
+        forged = real[:-1] + ("0" if real[-1] != "0" else "1")
+        got = Recorder()
+        assert await view.replay_events_after(forged, got) is None
+        assert got.events == []
+
+    @pytest.mark.parametrize("message", ODD_MESSAGES, ids=lambda m: type(m).__name__)
+    async def test_every_message_round_trips_exactly(self, root: Any, message: Any) -> None:
+        view = root.session("s1")
+        cursor = await view.store_event("1", None)
+        await view.store_event("1", message)
+        got = Recorder()
+        await view.replay_events_after(cursor, got)
+        assert [e.message for e in got.events] == [message]
+        assert got.events[0].message.model_dump_json(by_alias=True, exclude_unset=True) == message.model_dump_json(
+            by_alias=True, exclude_unset=True
+        )
+
+    @pytest.mark.parametrize(
+        "stream_id",
+        ["", "ünïcødé-✓", "nul\x00inside", "lone\ud800surrogate", "x" * MAX_STREAM_ID_BYTES, "' OR 1=1 --"],
+        ids=["empty", "unicode", "nul", "surrogate", "longest", "sql"],
+    )
+    async def test_odd_stream_ids_round_trip(self, root: Any, stream_id: str) -> None:
+        view = root.session("s1")
+        cursor = await view.store_event(stream_id, None)
+        message = notification("n")
+        await view.store_event(stream_id, message)
+        got = Recorder()
+        assert await view.replay_events_after(cursor, got) == stream_id
+        assert [e.message for e in got.events] == [message]
+
+    async def test_too_long_stream_id_is_refused_clearly(self, root: Any) -> None:
+        with pytest.raises(StreamIdTooLongError, match="stream id"):
+            await root.session("s1").store_event("x" * (MAX_STREAM_ID_BYTES + 1), None)
+
+    async def test_event_ids_are_short_visible_ascii_and_unique_across_streams(self, root: Any) -> None:
+        view = root.session("s1")
+        ids = [await view.store_event(stream, None) for stream in ("1", "2", "_GET_stream") for _ in range(3)]
+        assert all(VISIBLE_ASCII.match(i) for i in ids), ids
+        assert len(set(ids)) == len(ids)
+
+    async def test_the_shared_store_refuses_to_be_one_sessions_store(self, root: Any) -> None:
+        with pytest.raises(UnscopedEventStoreError, match=r"session\("):
+            await root.store_event("1", None)
+        with pytest.raises(UnscopedEventStoreError):
+            await root.replay_events_after("1-1-aaaaaaaaaaaa", Recorder())
+
+
+class TestMemoryStore(StoreContract):
+    @pytest.fixture
+    def root(self) -> MemoryEventStore:
+        return MemoryEventStore()
+
+
+class TestPostgresStore(StoreContract):
+    @pytest.fixture
+    def root(self, store: PostgresEventStore) -> PostgresEventStore:
+        return store

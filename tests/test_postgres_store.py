@@ -1,0 +1,223 @@
+"""What only the PostgreSQL store has: partitions, schema checks, outages, the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from mcp_pg_events import (
+    ConfigurationError,
+    PostgresEventStore,
+    SchemaNotReadyError,
+    StoreUnavailableError,
+)
+from mcp_pg_events.event_ids import parse_event_id
+
+from .messages import notification
+from .proxy import FlakyProxy
+from .test_contract import Recorder
+
+
+async def partitions(admin: asyncpg.Connection) -> list[str]:
+    rows = await admin.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'mcp_events_events'::regclass ORDER BY c.relname"
+    )
+    return [r["relname"] for r in rows]
+
+
+async def replay_all(view: object, cursor: str) -> list[object]:
+    got = Recorder()
+    assert await view.replay_events_after(cursor, got) is not None  # type: ignore[attr-defined]
+    return [e.message for e in got.events]
+
+
+async def test_inserts_create_missing_partitions_and_cross_boundaries(
+    store: PostgresEventStore, admin: asyncpg.Connection
+) -> None:
+    # Replace the default partitions with tiny ones so a few events cross several.
+    for name in await partitions(admin):
+        await admin.execute(f"ALTER TABLE mcp_events_events DETACH PARTITION {name}")
+        await admin.execute(f"DROP TABLE {name}")
+    assert await admin.fetchval("SELECT mcp_events_ensure_partitions(1, 5)") == 1
+
+    view = store.session("s")
+    cursor = await view.store_event("1", None)
+    sent = [notification("n", {"i": i}) for i in range(23)]
+    for message in sent:
+        await view.store_event("1", message)
+
+    assert await replay_all(view, cursor) == sent
+    assert len(await partitions(admin)) >= 5
+
+
+async def test_inserts_continue_after_a_sequence_jump(store: PostgresEventStore, admin: asyncpg.Connection) -> None:
+    view = store.session("s")
+    cursor = await view.store_event("1", None)
+    before = notification("before")
+    await view.store_event("1", before)
+    await admin.execute("SELECT setval('mcp_events_seq', 50000000)")
+    after = notification("after")
+    event_id = await view.store_event("1", after)
+
+    # The insert that found no partition used up a value: gaps are harmless.
+    ref = parse_event_id(event_id)
+    assert ref is not None and ref.seq > 50000000
+    assert await replay_all(view, cursor) == [before, after]
+    lowers = [int(name.rsplit("_p", 1)[1]) for name in await partitions(admin)]
+    assert any(50000000 < lower <= ref.seq for lower in lowers)
+
+
+async def test_a_cursor_whose_event_is_gone_gives_none(store: PostgresEventStore, admin: asyncpg.Connection) -> None:
+    view = store.session("s")
+    cursor = await view.store_event("1", None)
+    await view.store_event("1", notification("n"))
+    ref = parse_event_id(cursor)
+    assert ref is not None
+    await admin.execute("DELETE FROM mcp_events_events WHERE stream_key = $1 AND seq = $2", ref.stream_key, ref.seq)
+    got = Recorder()
+    assert await view.replay_events_after(cursor, got) is None
+    assert got.events == []
+
+
+async def test_replay_pages_through_long_streams(dsn: str) -> None:
+    async with await PostgresEventStore.connect(dsn, replay_batch_size=3) as store:
+        view = store.session("s")
+        cursor = await view.store_event("1", None)
+        sent = [notification("n", {"i": i}) for i in range(10)]
+        for message in sent:
+            await view.store_event("1", message)
+        await view.store_event("1", None)
+        assert await replay_all(view, cursor) == sent
+
+
+async def test_connect_refuses_an_unmigrated_database(empty_dsn: str) -> None:
+    with pytest.raises(SchemaNotReadyError, match="mcp-pg-events migrate"):
+        await PostgresEventStore.connect(empty_dsn)
+
+
+async def test_a_borrowed_pool_on_an_unmigrated_database_fails_clearly(empty_dsn: str) -> None:
+    async with asyncpg.create_pool(empty_dsn, min_size=1, max_size=1) as pool:
+        view = PostgresEventStore(pool).session("s")
+        with pytest.raises(SchemaNotReadyError, match="mcp-pg-events migrate"):
+            await view.store_event("1", None)
+        with pytest.raises(SchemaNotReadyError):
+            await view.replay_events_after("1-1-aaaaaaaaaaaa", Recorder())
+
+
+async def test_closing_the_store_leaves_a_borrowed_pool_open(dsn: str) -> None:
+    async with asyncpg.create_pool(dsn, min_size=1, max_size=1) as pool:
+        async with PostgresEventStore(pool) as store:
+            await store.session("s").store_event("1", None)
+        assert await pool.fetchval("SELECT 1") == 1
+
+
+async def test_unreachable_database_is_one_clear_error_without_the_password() -> None:
+    with pytest.raises(StoreUnavailableError, match="cannot reach") as caught:
+        await PostgresEventStore.connect("postgresql://someone:hunter2@127.0.0.1:1/db")
+    assert "hunter2" not in str(caught.value)
+
+
+async def test_missing_database_is_a_configuration_error(server_dsn: str) -> None:
+    from .conftest import with_database
+
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        await PostgresEventStore.connect(with_database(server_dsn, "mcp_events_no_such_db"))
+
+
+async def test_no_dsn_anywhere_says_which_variable_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MCP_PG_EVENTS_DSN", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    with pytest.raises(ConfigurationError, match="MCP_PG_EVENTS_DSN"):
+        await PostgresEventStore.connect()
+
+
+@pytest.mark.parametrize("options", [{"retry_deadline": -1}, {"replay_batch_size": 0}])
+async def test_bad_options_are_refused(dsn: str, options: dict[str, float]) -> None:
+    async with asyncpg.create_pool(dsn, min_size=1, max_size=1) as pool:
+        with pytest.raises(ConfigurationError):
+            PostgresEventStore(pool, **options)
+
+
+# -- outages --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def proxy(dsn: str) -> AsyncIterator[FlakyProxy]:
+    proxy = FlakyProxy(dsn)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+class RetrySignal(logging.Handler):
+    """Sets ``retrying`` when the store logs that it is retrying a transient error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retrying = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "transient" in record.getMessage():
+            self.retrying.set()
+
+
+@pytest.fixture
+def retry_signal() -> Iterator[RetrySignal]:
+    handler = RetrySignal()
+    logger = logging.getLogger("mcp_pg_events")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+async def test_store_event_rides_out_an_outage_shorter_than_the_deadline(
+    proxy: FlakyProxy, retry_signal: RetrySignal
+) -> None:
+    async with await PostgresEventStore.connect(proxy.dsn, retry_deadline=30) as store:
+        view = store.session("s")
+        cursor = await view.store_event("1", None)
+        proxy.go_down()
+        message = notification("during the outage")
+        pending = asyncio.create_task(view.store_event("1", message))
+        await retry_signal.retrying.wait()
+        assert not pending.done()
+        proxy.go_up()
+        event_id = await pending
+        got = Recorder()
+        assert await view.replay_events_after(cursor, got) == "1"
+        assert [(e.event_id, e.message) for e in got.events] == [(event_id, message)]
+
+
+async def test_store_event_gives_up_clearly_after_the_deadline(proxy: FlakyProxy) -> None:
+    async with await PostgresEventStore.connect(proxy.dsn, retry_deadline=0.5) as store:
+        view = store.session("s")
+        await view.store_event("1", None)
+        proxy.go_down()
+        with pytest.raises(StoreUnavailableError, match="event not stored"):
+            await view.store_event("1", notification("lost cause"))
+
+
+async def test_a_commit_whose_answer_was_lost_is_not_stored_twice(
+    proxy: FlakyProxy, admin: asyncpg.Connection
+) -> None:
+    async with asyncpg.create_pool(proxy.dsn, min_size=1, max_size=1) as pool:
+        view = PostgresEventStore(pool, retry_deadline=10).session("s")
+        cursor = await view.store_event("1", None)  # warms the prepared statement
+        message = notification("committed, answer lost")
+        proxy.cut_next_response()
+        event_id = await view.store_event("1", message)
+        assert proxy.cuts == 1
+
+        got = Recorder()
+        assert await view.replay_events_after(cursor, got) == "1"
+        assert [(e.event_id, e.message) for e in got.events] == [(event_id, message)]
+        assert await admin.fetchval("SELECT count(*) FROM mcp_events_events") == 2
