@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PROVISIONAL_PREFIX = "provisional-"
 _SESSION_HEADER = b"mcp-session-id"
@@ -86,7 +86,29 @@ class _ScopesSessions:
             )
         self._scoped_backing = store
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._bind_at_entry()
+
+    def _bind_at_entry(self) -> None:
+        # mcp 2.x mounts the manager's public `asgi_app` directly (and handle_request
+        # goes through it too); mcp 1.x calls handle_request.
+        entry = self.__dict__.get("asgi_app")
+        if entry is not None:
+            self.asgi_app = _binds_session_ids(entry)
+
     async def handle_request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        parent = super().handle_request  # type: ignore[misc]
+        if "asgi_app" in self.__dict__:
+            await parent(scope, receive, send)
+        else:
+            await _binds_session_ids(parent)(scope, receive, send)
+
+
+def _binds_session_ids(app: ASGIApp) -> ASGIApp:
+    """Wrap ``app`` so the stores made during a request learn the session id it answers with."""
+
+    async def binding_app(scope: Scope, receive: Receive, send: Send) -> None:
         unbound: list[_SessionBinding] = []
         token = _unbound.set(unbound)
 
@@ -100,9 +122,11 @@ class _ScopesSessions:
             await send(message)
 
         try:
-            await super().handle_request(scope, receive, send_and_bind)  # type: ignore[misc]
+            await app(scope, receive, send_and_bind)
         finally:
             _unbound.reset(token)
+
+    return binding_app
 
 
 class PostgresSessionManager(_ScopesSessions, StreamableHTTPSessionManager):
@@ -136,5 +160,7 @@ def scope_sessions(manager: _Manager) -> _Manager:
         scoped = _scoped_classes[cls] = type(f"Scoped{cls.__name__}", (_ScopesSessions, cls), {})
     manager.__dict__.pop("event_store", None)
     manager.__class__ = scoped
-    cast(_ScopesSessions, manager).event_store = store
+    scoped_manager = cast(_ScopesSessions, manager)
+    scoped_manager.event_store = store
+    scoped_manager._bind_at_entry()
     return manager

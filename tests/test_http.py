@@ -1,0 +1,191 @@
+"""End to end over real HTTP: an MCP server on loopback, clients that drop and resume."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from mcp_pg_events import PostgresEventStore
+
+from .mcp_http import SSE, Client, RecordingStore, build_app, is_response, progress_values, serve
+
+
+@dataclass
+class Server:
+    url: str
+    recorder: RecordingStore
+    gate: asyncio.Event
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=15)
+
+
+@pytest.fixture
+async def server(store: PostgresEventStore) -> AsyncIterator[Server]:
+    recorder = RecordingStore(store)
+    gate = asyncio.Event()
+    async with serve(build_app(recorder, gate)) as url:
+        yield Server(url, recorder, gate)
+
+
+def data_events(events: list[SSE]) -> list[SSE]:
+    return [e for e in events if e.data]
+
+
+async def test_a_dropped_post_stream_resumes_with_nothing_lost_or_doubled(server: Server) -> None:
+    async with server.client() as http:
+        client = Client(http)
+        await client.initialize()
+        request_id, call = client.call_tool("progress", {"count": 6, "pause_after": 3}, token="p")
+        async with call as stream:
+            priming = await stream.next()
+            # Protocol 2025-11-25: the stream opens with a stored, empty priming event.
+            assert priming is not None and priming.id and priming.data == ""
+            live = [await stream.next() for _ in range(3)]
+        # The stream is gone; the tool goes on and everything it sends is stored.
+        server.gate.set()
+        await server.recorder.wait_for(is_response(request_id))
+
+        last = live[-1]
+        assert last is not None and last.id
+        async with client.get(last_event_id=last.id) as resumed:
+            replayed = await read_until_response(resumed, request_id)
+
+    received = [e for e in live if e is not None] + data_events(replayed)
+    assert progress_values(received, "p") == [1, 2, 3, 4, 5, 6]
+    result = received[-1].message
+    assert result is not None and result["result"]["content"][0]["text"] == "sent 6"
+
+
+async def test_resuming_from_the_priming_event_replays_the_whole_stream(server: Server) -> None:
+    async with server.client() as http:
+        client = Client(http)
+        await client.initialize()
+        server.gate.set()
+        request_id, call = client.call_tool("progress", {"count": 3}, token="q")
+        async with call as stream:
+            events = await stream.rest()
+        priming = events[0]
+        assert priming.id and priming.data == ""
+        async with client.get(last_event_id=priming.id) as resumed:
+            replayed = [await resumed.next() for _ in range(4)]
+    assert [e.id for e in replayed if e] == [e.id for e in events[1:]]
+    assert progress_values([e for e in replayed if e], "q") == [1, 2, 3]
+
+
+async def read_until_response(stream: object, request_id: int) -> list[SSE]:
+    events: list[SSE] = []
+    while not any(e.message and e.message.get("id") == request_id for e in events):
+        event = await stream.next()  # type: ignore[attr-defined]
+        assert event is not None, events
+        events.append(event)
+    return events
+
+
+async def test_close_sse_stream_then_the_client_resumes(server: Server) -> None:
+    async with server.client() as http:
+        client = Client(http)
+        await client.initialize()
+        request_id, call = client.call_tool("progress", {"count": 4, "close_after": 2}, token="c")
+        async with call as stream:
+            before_close = await stream.rest()  # ends when the server closes it
+        # Where the cut falls depends on delivery; what was stored does not.
+        assert progress_values(before_close, "c") in ([], [1], [1, 2])
+        await server.recorder.wait_for(is_response(request_id))
+        async with client.get(last_event_id=before_close[-1].id) as resumed:
+            after = await read_until_response(resumed, request_id)
+    assert progress_values(before_close + after, "c") == [1, 2, 3, 4]
+
+
+async def test_the_standalone_get_stream_resumes(server: Server) -> None:
+    async with server.client() as http:
+        client = Client(http)
+        await client.initialize()
+        async with client.get() as standalone:
+            _, call = client.call_tool("announce", {"text": "first"})
+            async with call as stream:
+                await stream.rest()
+            first = await standalone.next()
+        assert first is not None and first.id and first.message
+        assert first.message["params"]["uri"] == "test://first"
+
+        # Nobody is listening on the GET stream now: these are only stored.
+        for text in ("second", "third"):
+            _, call = client.call_tool("announce", {"text": text})
+            async with call as stream:
+                await stream.rest()
+        async with client.get(last_event_id=first.id) as resumed:
+            missed = [await resumed.next() for _ in range(2)]
+    assert [e.message["params"]["uri"] for e in missed if e and e.message] == ["test://second", "test://third"]
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["garbage", "9" * 40, "1-1-aaaaaaaaaaaa", "1' OR '1'='1", "x" * 4000],
+    ids=["word", "digits", "forged", "sql", "long"],
+)
+async def test_a_garbage_last_event_id_gets_an_empty_stream_not_an_error(server: Server, garbage: str) -> None:
+    async with server.client() as http:
+        client = Client(http)
+        await client.initialize()
+        async with client.get(last_event_id=garbage) as resumed:
+            assert resumed.response.status_code == 200
+            assert data_events(await resumed.rest()) == []
+
+
+async def test_sessions_with_colliding_stream_ids_never_see_each_others_events(server: Server) -> None:
+    server.gate.set()
+    async with server.client() as http_a, server.client() as http_b:
+        alice, bob = Client(http_a), Client(http_b)
+        await asyncio.gather(alice.initialize(), bob.initialize())
+
+        async def run(client: Client, name: str) -> tuple[list[SSE], SSE]:
+            # Same request id in both sessions: both POST streams are stream "2".
+            request_id, call = client.call_tool("progress", {"count": 3}, token=name)
+            assert request_id == 2
+            async with call as stream:
+                events = await stream.rest()
+            async with client.get() as standalone:
+                _, call = client.call_tool("announce", {"text": name})
+                async with call as stream:
+                    await stream.rest()
+                announcement = await standalone.next()
+            assert announcement is not None
+            return events, announcement
+
+        (a_events, a_get), (b_events, b_get) = await asyncio.gather(run(alice, "alice"), run(bob, "bob"))
+
+        for client, own, own_get, other, other_get in (
+            (alice, a_events, a_get, b_events, b_get),
+            (bob, b_events, b_get, a_events, a_get),
+        ):
+            # The other session's cursors, on either colliding stream: nothing at all.
+            for cursor in (other[0].id, other[1].id, other_get.id):
+                async with client.get(last_event_id=cursor) as resumed:
+                    assert data_events(await resumed.rest()) == []
+            # Its own cursor: only its own events.
+            async with client.get(last_event_id=own[0].id) as resumed:
+                replayed = [await resumed.next() for _ in range(4)]
+            name = "alice" if client is alice else "bob"
+            assert progress_values([e for e in replayed if e], name) == [1, 2, 3]
+            assert all(
+                e is not None and e.message and e.message.get("params", {}).get("progressToken", name) == name
+                for e in replayed
+            )
+            assert own_get.message and own_get.message["params"]["uri"] == f"test://{name}"
+
+
+async def test_streams_are_filed_under_the_real_mcp_session_id(server: Server, admin: object) -> None:
+    server.gate.set()
+    async with server.client() as http:
+        client = Client(http)
+        await client.initialize()
+        _, call = client.call_tool("progress", {"count": 1}, token="k")
+        async with call as stream:
+            await stream.rest()
+    keys = {key for key, stream, _ in server.recorder.stored if stream == "2"}
+    assert keys == {client.session_id}
