@@ -8,6 +8,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+import asyncpg
+from sqlalchemy.exc import SQLAlchemyError
+
 from .config import DSN_ENV, FALLBACK_DSN_ENV, redact, resolve_dsn
 from .errors import McpPgEventsError
 
@@ -75,6 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (OSError, ConnectionError) as exc:
         print(f"mcp-pg-events: error: cannot reach the database: {exc}", file=sys.stderr)
+        return 2
+    except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # Alembic reaches the database through SQLAlchemy, which wraps the driver's error.
+        cause = getattr(exc, "orig", None) or exc
+        cause = cause.__cause__ or cause
+        message = " ".join(str(cause).split())
+        print(f"mcp-pg-events: error: {type(cause).__name__}: {message}", file=sys.stderr)
         return 2
     raise AssertionError(f"unhandled command {args.command}")
 

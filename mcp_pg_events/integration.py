@@ -53,7 +53,9 @@ class _SessionBinding(EventStore):
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
         return await self._scopes[0].store_event(stream_id, message)
 
-    async def replay_events_after(self, last_event_id: EventId, send_callback: EventCallback) -> StreamId | None:
+    async def replay_events_after(
+        self, last_event_id: EventId, send_callback: EventCallback
+    ) -> StreamId | None:
         for scope in self._scopes:
             stream_id = await scope.replay_events_after(last_event_id, send_callback)
             if stream_id is not None:
@@ -95,7 +97,7 @@ class _ScopesSessions:
         # goes through it too); mcp 1.x calls handle_request.
         entry = self.__dict__.get("asgi_app")
         if entry is not None:
-            self.asgi_app = _binds_session_ids(entry)
+            self.__dict__["asgi_app"] = _binds_session_ids(entry)
 
     async def handle_request(self, scope: Scope, receive: Receive, send: Send) -> None:
         parent = super().handle_request  # type: ignore[misc]
@@ -151,7 +153,7 @@ def scope_sessions(manager: _Manager) -> _Manager:
     """
     if isinstance(manager, _ScopesSessions):
         return manager
-    store = manager.__dict__.get("event_store")
+    store: Any = manager.__dict__.get("event_store")
     if store is not None and not isinstance(store, SessionScopedStore):
         raise TypeError(f"{type(store).__name__} has no session(key) method; see PostgresEventStore.session")
     cls = type(manager)
@@ -161,6 +163,6 @@ def scope_sessions(manager: _Manager) -> _Manager:
     manager.__dict__.pop("event_store", None)
     manager.__class__ = scoped
     scoped_manager = cast(_ScopesSessions, manager)
-    scoped_manager.event_store = store
+    scoped_manager.event_store = cast("EventStore | None", store)
     scoped_manager._bind_at_entry()
     return manager

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from mcp.server.streamable_http import EventId
 
 try:  # mcp 2.x
-    from mcp_types import jsonrpc_message_adapter as _adapter
+    from mcp_types import jsonrpc_message_adapter as _adapter  # type: ignore[import-not-found, unused-ignore]
 
     def load_message(data: bytes) -> Any:
         """The message stored as ``data``."""
@@ -27,7 +27,7 @@ except ImportError:  # mcp 1.x
 
     def load_message(data: bytes) -> Any:
         """The message stored as ``data``."""
-        return _RootMessage.model_validate_json(data)
+        return _RootMessage.model_validate_json(data)  # type: ignore[attr-defined, unused-ignore]
 
 
 def dump_message(message: Any) -> bytes:

@@ -181,7 +181,9 @@ class PostgresEventStore(EventStore):
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
         raise UnscopedEventStoreError(_UNSCOPED)
 
-    async def replay_events_after(self, last_event_id: EventId, send_callback: EventCallback) -> StreamId | None:
+    async def replay_events_after(
+        self, last_event_id: EventId, send_callback: EventCallback
+    ) -> StreamId | None:
         raise UnscopedEventStoreError(_UNSCOPED)
 
     async def _append(self, session_key: str, stream_id: str, stream: _Stream, data: bytes | None) -> EventId:
@@ -320,7 +322,9 @@ class SessionEventStore(EventStore):
         async with stream.lock:
             return await self._root._append(self.key, stream_id, stream, data)
 
-    async def replay_events_after(self, last_event_id: EventId, send_callback: EventCallback) -> StreamId | None:
+    async def replay_events_after(
+        self, last_event_id: EventId, send_callback: EventCallback
+    ) -> StreamId | None:
         """Send this session's events after ``last_event_id`` on its stream; return the stream id.
 
         Returns None for an id that is malformed, unknown, expired or another

@@ -54,7 +54,11 @@ class RecordingStore:
         await asyncio.wait_for(wait(), READ_TIMEOUT)
 
     def record(self, key: str, stream_id: str, message: Any) -> None:
-        data = None if message is None else json.loads(message.model_dump_json(by_alias=True, exclude_unset=True))
+        data = (
+            None
+            if message is None
+            else json.loads(message.model_dump_json(by_alias=True, exclude_unset=True))
+        )
         self.stored.append((key, stream_id, data))
         self._changed.set()
 
@@ -68,13 +72,17 @@ class _RecordingView(EventStore):
         self._recorder.record(self._key, stream_id, message)
         return event_id
 
-    async def replay_events_after(self, last_event_id: EventId, send_callback: EventCallback) -> StreamId | None:
+    async def replay_events_after(
+        self, last_event_id: EventId, send_callback: EventCallback
+    ) -> StreamId | None:
         return await self._view.replay_events_after(last_event_id, send_callback)
 
 
 def build_app(store: Any, gate: asyncio.Event) -> Any:
     """An MCP app for the installed SDK major, its sessions scoped by ``scope_sessions``."""
-    server: Any = _Server("mcp-pg-events-test") if MCP_MAJOR == 2 else _Server("mcp-pg-events-test", event_store=store)
+    server: Any = (
+        _Server("mcp-pg-events-test") if MCP_MAJOR == 2 else _Server("mcp-pg-events-test", event_store=store)
+    )
 
     @server.tool()
     async def progress(count: int, ctx: Context, pause_after: int = 0, close_after: int = 0) -> str:  # type: ignore[type-arg]

@@ -29,7 +29,9 @@ class MemoryEventStore(EventStore):
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
         raise UnscopedEventStoreError("scope it with session(key)")
 
-    async def replay_events_after(self, last_event_id: EventId, send_callback: EventCallback) -> StreamId | None:
+    async def replay_events_after(
+        self, last_event_id: EventId, send_callback: EventCallback
+    ) -> StreamId | None:
         raise UnscopedEventStoreError("scope it with session(key)")
 
 
@@ -48,7 +50,9 @@ class MemorySessionStore(EventStore):
         self._root._index[event_id] = (self.key, stream_id, seq)
         return event_id
 
-    async def replay_events_after(self, last_event_id: EventId, send_callback: EventCallback) -> StreamId | None:
+    async def replay_events_after(
+        self, last_event_id: EventId, send_callback: EventCallback
+    ) -> StreamId | None:
         found = self._root._index.get(last_event_id)
         if found is None or found[0] != self.key:
             return None

@@ -157,9 +157,9 @@ class StoreContract:
         got = Recorder()
         await view.replay_events_after(cursor, got)
         assert [e.message for e in got.events] == [message]
-        assert got.events[0].message.model_dump_json(by_alias=True, exclude_unset=True) == message.model_dump_json(
+        assert got.events[0].message.model_dump_json(
             by_alias=True, exclude_unset=True
-        )
+        ) == message.model_dump_json(by_alias=True, exclude_unset=True)
 
     @pytest.mark.parametrize(
         "stream_id",

@@ -66,7 +66,7 @@ async def test_resuming_from_the_priming_event_replays_the_whole_stream(server: 
         client = Client(http)
         await client.initialize()
         server.gate.set()
-        request_id, call = client.call_tool("progress", {"count": 3}, token="q")
+        _, call = client.call_tool("progress", {"count": 3}, token="q")
         async with call as stream:
             events = await stream.rest()
         priming = events[0]
@@ -120,7 +120,10 @@ async def test_the_standalone_get_stream_resumes(server: Server) -> None:
                 await stream.rest()
         async with client.get(last_event_id=first.id) as resumed:
             missed = [await resumed.next() for _ in range(2)]
-    assert [e.message["params"]["uri"] for e in missed if e and e.message] == ["test://second", "test://third"]
+    assert [e.message["params"]["uri"] for e in missed if e and e.message] == [
+        "test://second",
+        "test://third",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -128,7 +131,9 @@ async def test_the_standalone_get_stream_resumes(server: Server) -> None:
     ["garbage", "9" * 40, "1-1-aaaaaaaaaaaa", "1' OR '1'='1", "x" * 4000],
     ids=["word", "digits", "forged", "sql", "long"],
 )
-async def test_a_garbage_last_event_id_gets_an_empty_stream_not_an_error(server: Server, garbage: str) -> None:
+async def test_a_garbage_last_event_id_gets_an_empty_stream_not_an_error(
+    server: Server, garbage: str
+) -> None:
     async with server.client() as http:
         client = Client(http)
         await client.initialize()

@@ -55,7 +55,9 @@ async def test_inserts_create_missing_partitions_and_cross_boundaries(
     assert len(await partitions(admin)) >= 5
 
 
-async def test_inserts_continue_after_a_sequence_jump(store: PostgresEventStore, admin: asyncpg.Connection) -> None:
+async def test_inserts_continue_after_a_sequence_jump(
+    store: PostgresEventStore, admin: asyncpg.Connection
+) -> None:
     view = store.session("s")
     cursor = await view.store_event("1", None)
     before = notification("before")
@@ -72,13 +74,17 @@ async def test_inserts_continue_after_a_sequence_jump(store: PostgresEventStore,
     assert any(50000000 < lower <= ref.seq for lower in lowers)
 
 
-async def test_a_cursor_whose_event_is_gone_gives_none(store: PostgresEventStore, admin: asyncpg.Connection) -> None:
+async def test_a_cursor_whose_event_is_gone_gives_none(
+    store: PostgresEventStore, admin: asyncpg.Connection
+) -> None:
     view = store.session("s")
     cursor = await view.store_event("1", None)
     await view.store_event("1", notification("n"))
     ref = parse_event_id(cursor)
     assert ref is not None
-    await admin.execute("DELETE FROM mcp_events_events WHERE stream_key = $1 AND seq = $2", ref.stream_key, ref.seq)
+    await admin.execute(
+        "DELETE FROM mcp_events_events WHERE stream_key = $1 AND seq = $2", ref.stream_key, ref.seq
+    )
     got = Recorder()
     assert await view.replay_events_after(cursor, got) is None
     assert got.events == []
