@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+import timeit
 from typing import Any
 
 import asyncpg
@@ -207,6 +208,19 @@ async def run(dsn: str, events: int, rounds: int) -> dict[str, dict[str, Any]]:
     return results
 
 
+def decode_only(count: int = 20000, repeat: int = 5) -> dict[str, float]:
+    """Messages/s that ``load_message`` parses from ``str`` (text, jsonb) and from ``bytes`` (bytea).
+
+    No database: this isolates the Python half of a read from the noise of the server.
+    """
+    data = dump(make_message(17, PADDING))
+    rates = {}
+    for kind, value in (("str", data), ("bytes", data.encode())):
+        best = min(timeit.repeat(lambda v=value: load_message(v), number=count, repeat=repeat))
+        rates[kind] = round(count / best)
+    return rates
+
+
 def render(results: dict[str, dict[str, Any]], events: int, rounds: int) -> str:
     head = ["type", "insert/s 1c", f"insert/s {CLIENTS}c", "batched rows/s", "fetch rows/s"]
     head += ["fetch+decode rows/s", "bytes/row", "NUL ok?"]
@@ -228,6 +242,8 @@ def render(results: dict[str, dict[str, Any]], events: int, rounds: int) -> str:
             lines.append("  ".join("-" * w for w in widths))
     for kind, r in results.items():
         lines.append(f"NUL {kind}: {json.dumps(r['nul'])}")
+    decode = decode_only()
+    lines.append(f"decode only (no database): from str {decode['str']:,}/s, from bytes {decode['bytes']:,}/s")
     return "\n".join(lines)
 
 

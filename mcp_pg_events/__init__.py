@@ -1,5 +1,10 @@
 """mcp-pg-events: a PostgreSQL event log that makes MCP Streamable HTTP streams resumable."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     ConfigurationError,
     McpPgEventsError,
@@ -8,8 +13,28 @@ from .errors import (
     StreamIdTooLongError,
     UnscopedEventStoreError,
 )
-from .integration import PostgresSessionManager, SessionScopedStore, scope_sessions
-from .store import PostgresEventStore, SessionEventStore
+
+if TYPE_CHECKING:
+    from .integration import PostgresSessionManager, SessionScopedStore, scope_sessions
+    from .store import PostgresEventStore, SessionEventStore
+
+# Importing the MCP SDK takes seconds; the CLI and alembic need none of it, so the
+# names that pull it in are imported on first use.
+_LAZY = {
+    "PostgresEventStore": "store",
+    "SessionEventStore": "store",
+    "PostgresSessionManager": "integration",
+    "SessionScopedStore": "integration",
+    "scope_sessions": "integration",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
 
 __all__ = [
     "ConfigurationError",

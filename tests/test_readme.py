@@ -1,0 +1,65 @@
+"""The README's quickstart, run as written, for the installed SDK major."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from .mcp_http import Client, progress_values
+from .messages import MCP_MAJOR
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def quickstart() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    (block,) = [b for b in blocks if b.startswith(f"# mcp {MCP_MAJOR}.x")]
+    return block
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_the_quickstart_serves_resumable_streams(dsn: str, tmp_path: Path) -> None:
+    script = tmp_path / "quickstart.py"
+    script.write_text(quickstart())
+    port = free_port()
+    env = {**os.environ, "MCP_PG_EVENTS_DSN": dsn, "PORT": str(port)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stderr is not None
+        while b"Uvicorn running on" not in (line := await asyncio.wait_for(process.stderr.readline(), 30)):
+            assert line, "the quickstart exited before serving"
+
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
+            client = Client(http)
+            await client.initialize()
+            _, call = client.call_tool("count", {"to": 3}, token="t")
+            async with call as stream:
+                events = await stream.rest()
+            assert progress_values(events, "t") == [1, 2, 3]
+            async with client.get(last_event_id=events[0].id) as resumed:
+                replayed = [await resumed.next() for _ in range(4)]
+        assert progress_values([e for e in replayed if e], "t") == [1, 2, 3]
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            keys = await conn.fetch("SELECT key FROM mcp_events_sessions")
+        finally:
+            await conn.close()
+        assert client.session_id in {r["key"] for r in keys}
+    finally:
+        process.terminate()
+        await process.wait()
