@@ -37,6 +37,8 @@ logger = logging.getLogger("mcp_pg_events")
 # A btree entry must stay well under PostgreSQL's ~2.7 kB limit.
 MAX_STREAM_ID_BYTES = 2048
 MAX_SESSION_KEY_LENGTH = 512
+# Streams whose key, tag and lock a session view keeps in memory.
+MAX_CACHED_STREAMS = 256
 
 _NOT_MIGRATED = (
     "the mcp-pg-events tables are missing or outdated in this database: "
@@ -188,29 +190,44 @@ class PostgresEventStore(EventStore):
 
     async def _append(self, session_key: str, stream_id: str, stream: _Stream, data: bytes | None) -> EventId:
         """Append one event and return its id once committed. Caller holds ``stream.lock``."""
-        name = _encode_stream_id(stream_id)
-        backoff = Backoff(self.retry_deadline)
+        backoff: Backoff | None = None
+        # stream.last_seq when an append was sent whose commit we never heard of.
+        unsure_after: int | None = None
+        needs_partition = False
+        repairs = 0
         while True:
             try:
-                if stream.key is None:
-                    await self._resolve_stream(session_key, name, stream)
-                assert stream.key is not None
-                seq = await self._append_once(stream.key, stream.last_seq, data)
-            except asyncpg.ForeignKeyViolationError:
-                # Retention removed the (then empty) stream row: register it again.
-                stream.key = None
-                if await backoff.wait():
-                    continue
-                raise
-            except Exception as exc:
-                if _no_partition(exc):
+                if needs_partition:
                     await self._pool.fetchval(sql.ENSURE_PARTITIONS)
+                    needs_partition = False
+                if stream.key is None:
+                    await self._resolve_stream(session_key, stream_id, stream)
+                assert stream.key is not None
+                seq = None
+                if unsure_after is not None:
+                    seq = await self._committed_seq(stream.key, unsure_after, data)
+                    unsure_after = None
+                if seq is None:
+                    unsure_after = stream.last_seq
+                    seq = await self._append_once(stream.key, data)
+                    unsure_after = None
+            except Exception as exc:
+                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
+                    unsure_after = None  # the server refused the statement: nothing was written
+                if repairs < 3 and (_no_partition(exc) or isinstance(exc, asyncpg.ForeignKeyViolationError)):
+                    # No partition for the new seq yet (maintenance is late), or retention
+                    # removed the stream row while it was empty: repair, then append again.
+                    repairs += 1
+                    needs_partition = _no_partition(exc)
+                    if not needs_partition:
+                        stream.key = None
                     continue
                 if _not_migrated(exc):
                     raise SchemaNotReadyError(_NOT_MIGRATED) from exc
                 if not is_transient(exc):
                     raise
                 logger.warning("store_event: transient database error, retrying: %r", exc)
+                backoff = backoff or Backoff(self.retry_deadline)
                 if not await backoff.wait():
                     raise StoreUnavailableError(
                         f"event not stored: database unavailable for {self.retry_deadline:.1f}s "
@@ -220,30 +237,26 @@ class PostgresEventStore(EventStore):
             stream.last_seq = seq
             return format_event_id(stream.key, seq, stream.tag)
 
-    async def _resolve_stream(self, session_key: str, name: bytes, stream: _Stream) -> None:
+    async def _resolve_stream(self, session_key: str, stream_id: str, stream: _Stream) -> None:
+        name = _encode_stream_id(stream_id)
         row = await self._pool.fetchrow(sql.UPSERT_STREAM, session_key, name, new_tag())
         assert row is not None
         stream.key, stream.tag, stream.last_seq = row["id"], row["tag"], row["last_seq"] or 0
 
-    async def _append_once(self, stream_key: int, last_seq: int, data: bytes | None) -> int:
-        async with self._pool.acquire() as conn:
-            try:
-                seq: int = await conn.fetchval(sql.APPEND, stream_key, data)
-                return seq
-            except Exception as exc:
-                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
-                    raise  # the server refused the statement: nothing was written
-                lost = exc
-        # The connection failed after the statement was sent: the append may have
-        # committed. The stream has a single writer (the caller holds its lock), so
-        # a row past the last one we acknowledged can only be ours.
-        try:
-            row = await self._pool.fetchrow(sql.LAST_EVENT, stream_key)
-        except Exception:
-            raise lost from None
-        if row is not None and row["seq"] > last_seq and row["message"] == data:
+    async def _append_once(self, stream_key: int, data: bytes | None) -> int:
+        seq: int = await self._pool.fetchval(sql.APPEND, stream_key, data)
+        return seq
+
+    async def _committed_seq(self, stream_key: int, after: int, data: bytes | None) -> int | None:
+        """The seq of an append whose answer was lost, if it did commit.
+
+        A stream has one writer at a time (the caller holds its lock), so a row past
+        the last acknowledged one, with the same message, can only be that append.
+        """
+        row = await self._pool.fetchrow(sql.LAST_EVENT, stream_key)
+        if row is not None and row["seq"] > after and row["message"] == data:
             return int(row["seq"])
-        raise lost
+        return None
 
     async def _replay(
         self, session_key: str, last_event_id: EventId, send_callback: EventCallback
@@ -318,9 +331,19 @@ class SessionEventStore(EventStore):
         data = None if message is None else dump_message(message)
         stream = self._streams.get(stream_id)
         if stream is None:
+            if len(self._streams) >= MAX_CACHED_STREAMS:
+                self._forget_idle_streams()
             stream = self._streams[stream_id] = _Stream()
         async with stream.lock:
             return await self._root._append(self.key, stream_id, stream, data)
+
+    def _forget_idle_streams(self) -> None:
+        # Every request of a session is a stream of its own: keep the cache bounded.
+        # A forgotten stream is looked up again on its next append; its order is
+        # still safe, the database serializes appends per stream.
+        idle = [stream_id for stream_id, stream in self._streams.items() if not stream.lock.locked()]
+        for stream_id in idle[: MAX_CACHED_STREAMS // 2]:
+            del self._streams[stream_id]
 
     async def replay_events_after(
         self, last_event_id: EventId, send_callback: EventCallback

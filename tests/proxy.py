@@ -24,6 +24,7 @@ class FlakyProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._down = False
         self._cut_next_response = False
+        self._down_after_cut = False
         self.cuts = 0
 
     async def start(self) -> None:
@@ -51,9 +52,10 @@ class FlakyProxy:
     def go_up(self) -> None:
         self._down = False
 
-    def cut_next_response(self) -> None:
+    def cut_next_response(self, *, then_go_down: bool = False) -> None:
         """Let the server's next answer be lost with its connection (an ambiguous commit)."""
         self._cut_next_response = True
+        self._down_after_cut = then_go_down
 
     def _close_all(self) -> None:
         for writer in list(self._writers):
@@ -91,6 +93,8 @@ class FlakyProxy:
                 if from_server and self._cut_next_response:
                     self._cut_next_response = False
                     self.cuts += 1
+                    if self._down_after_cut:
+                        self.go_down()
                     break
                 writer.write(data)
                 await writer.drain()

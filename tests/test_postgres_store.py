@@ -227,3 +227,23 @@ async def test_a_commit_whose_answer_was_lost_is_not_stored_twice(
         assert await view.replay_events_after(cursor, got) == "1"
         assert [(e.event_id, e.message) for e in got.events] == [(event_id, message)]
         assert await admin.fetchval("SELECT count(*) FROM mcp_events_events") == 2
+
+
+async def test_a_lost_commit_answer_followed_by_an_outage_is_stored_once(
+    proxy: FlakyProxy, admin: asyncpg.Connection, retry_signal: RetrySignal
+) -> None:
+    async with asyncpg.create_pool(proxy.dsn, min_size=1, max_size=1) as pool:
+        view = PostgresEventStore(pool, retry_deadline=30).session("s")
+        cursor = await view.store_event("1", None)
+        message = notification("committed, then the database went away")
+        proxy.cut_next_response(then_go_down=True)
+        pending = asyncio.create_task(view.store_event("1", message))
+        await retry_signal.retrying.wait()
+        assert await admin.fetchval("SELECT count(*) FROM mcp_events_events") == 2
+        proxy.go_up()
+        event_id = await pending
+
+        got = Recorder()
+        assert await view.replay_events_after(cursor, got) == "1"
+        assert [(e.event_id, e.message) for e in got.events] == [(event_id, message)]
+        assert await admin.fetchval("SELECT count(*) FROM mcp_events_events") == 2
