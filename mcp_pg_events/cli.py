@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import asyncpg
 from sqlalchemy.exc import SQLAlchemyError
 
 from .config import DSN_ENV, FALLBACK_DSN_ENV, redact, resolve_dsn
-from .errors import McpPgEventsError
+from .embedded import DATA_ENV, default_data_dir, embedded_postgres
+from .errors import ConfigurationError, McpPgEventsError
+from .schema import SCHEMA_REVISION
 
 
 def _env_default(name: str, default: str | None = None) -> str | None:
@@ -47,7 +52,89 @@ def _parser() -> argparse.ArgumentParser:
         default=_env_default("MCP_PG_EVENTS_SQL", "") not in ("", "0", "false"),
         help="print the SQL instead of running it; needs no database [env: MCP_PG_EVENTS_SQL]",
     )
+
+    demo = commands.add_parser(
+        "demo",
+        help="show a dropped MCP stream resumed with nothing lost (embedded PostgreSQL without a DSN)",
+        description=(
+            "Serve an MCP tool that streams progress over Streamable HTTP, drop the client's stream "
+            "half-way, resume it with Last-Event-ID, and check that nothing was lost or doubled. "
+            "Without a DSN it runs an embedded PostgreSQL in its own folder (kept between runs)."
+        ),
+    )
+    demo.add_argument("--dsn", default=None, help=f"PostgreSQL DSN [env: {DSN_ENV}, else {FALLBACK_DSN_ENV}]")
+    demo.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"folder of the embedded PostgreSQL [env: {DATA_ENV}; default: {default_data_dir()}]",
+    )
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        default=_env_default("MCP_PG_EVENTS_DEMO_SERVE", "") not in ("", "0", "false"),
+        help="only run the server, for an external client such as the MCP Inspector "
+        "[env: MCP_PG_EVENTS_DEMO_SERVE]",
+    )
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=int(_env_default("MCP_PG_EVENTS_DEMO_PORT", "8000") or 8000),
+        help="port of --serve on 127.0.0.1 (the demo itself takes any free port) "
+        "[env: MCP_PG_EVENTS_DEMO_PORT; default: 8000]",
+    )
+    demo.add_argument(
+        "--events",
+        type=int,
+        default=int(_env_default("MCP_PG_EVENTS_DEMO_EVENTS", "10") or 10),
+        help="progress notifications the tool sends [env: MCP_PG_EVENTS_DEMO_EVENTS; default: 10]",
+    )
+    demo.add_argument(
+        "--drop-after",
+        type=int,
+        default=int(_env_default("MCP_PG_EVENTS_DEMO_DROP_AFTER", "4") or 4),
+        help="notifications received before the client drops its stream "
+        "[env: MCP_PG_EVENTS_DEMO_DROP_AFTER; default: 4]",
+    )
+    demo.add_argument(
+        "--pace",
+        type=float,
+        default=float(_env_default("MCP_PG_EVENTS_DEMO_PACE", "0.05") or 0.05),
+        help="seconds between notifications [env: MCP_PG_EVENTS_DEMO_PACE; default: 0.05]",
+    )
     return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import migrate
+    from .demo import say
+
+    if not 1 <= args.drop_after < args.events:
+        raise ConfigurationError(f"--drop-after must be from 1 to --events - 1 ({args.events - 1})")
+    dsn = args.dsn or os.environ.get(DSN_ENV) or os.environ.get(FALLBACK_DSN_ENV)
+    with contextlib.ExitStack() as stack:
+        if dsn:
+            say(f"database {redact(dsn)}")
+        else:
+            folder = Path(args.data_dir) if args.data_dir else default_data_dir()
+            reused = (folder / "PG_VERSION").exists()
+            say(f"database embedded PostgreSQL in {folder} ({'reused' if reused else 'new'})")
+            dsn = stack.enter_context(embedded_postgres(folder))
+        logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
+        migrate.upgrade(dsn)
+        say(f"schema   migrated to revision {SCHEMA_REVISION}")
+        return asyncio.run(_demo_async(dsn, args))
+
+
+async def _demo_async(dsn: str, args: argparse.Namespace) -> int:
+    from .demo import run_demo, say, serve_forever
+    from .store import PostgresEventStore
+
+    async with await PostgresEventStore.connect(dsn) as store:
+        if args.serve:
+            await serve_forever(store, args.port, args.pace)
+            return 0
+        ok = await run_demo(store, events=args.events, drop_after=args.drop_after, pace=args.pace, say=say)
+    return 0 if ok else 1
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -73,6 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             return _migrate(args)
+        if args.command == "demo":
+            return _demo(args)
+    except KeyboardInterrupt:
+        print("mcp-pg-events: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`migrate --sql | head`): nothing is wrong, stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except McpPgEventsError as exc:
         print(f"mcp-pg-events: error: {exc}", file=sys.stderr)
         return 2

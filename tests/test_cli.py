@@ -50,6 +50,20 @@ async def test_migrate_sql_prints_the_ddl_without_a_database() -> None:
     assert "mcp_events_alembic_version" in out
 
 
+async def test_migrate_sql_into_a_closed_pipe_ends_quietly() -> None:
+    read, write = os.pipe()
+    os.close(read)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MCP_PG_EVENTS_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcp_pg_events.cli", "migrate", "--sql",
+        env=environment, stdout=write, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    os.close(write)
+    _, err = await process.communicate()
+    assert process.returncode == 0
+    assert b"error" not in err
+
+
 async def test_no_dsn_is_one_line_naming_the_variable() -> None:
     code, _, err = await run_cli("migrate")
     assert code == 2

@@ -11,7 +11,7 @@ import pytest
 
 from mcp_pg_events import PostgresEventStore
 
-from .mcp_http import SSE, Client, RecordingStore, build_app, is_response, progress_values, serve
+from .mcp_http import SSE, McpClient, RecordingStore, build_app, is_response, progress_values, serve
 
 
 @dataclass
@@ -38,9 +38,9 @@ def data_events(events: list[SSE]) -> list[SSE]:
 
 async def test_a_dropped_post_stream_resumes_with_nothing_lost_or_doubled(server: Server) -> None:
     async with server.client() as http:
-        client = Client(http)
+        client = McpClient(http)
         await client.initialize()
-        request_id, call = client.call_tool("progress", {"count": 6, "pause_after": 3}, token="p")
+        request_id, call = client.call_tool("progress", {"count": 6, "pause_after": 3}, progress_token="p")
         async with call as stream:
             priming = await stream.next()
             # Protocol 2025-11-25: the stream opens with a stored, empty priming event.
@@ -53,7 +53,7 @@ async def test_a_dropped_post_stream_resumes_with_nothing_lost_or_doubled(server
         last = live[-1]
         assert last is not None and last.id
         async with client.get(last_event_id=last.id) as resumed:
-            replayed = await read_until_response(resumed, request_id)
+            replayed = await resumed.until_response(request_id)
 
     received = [e for e in live if e is not None] + data_events(replayed)
     assert progress_values(received, "p") == [1, 2, 3, 4, 5, 6]
@@ -63,10 +63,10 @@ async def test_a_dropped_post_stream_resumes_with_nothing_lost_or_doubled(server
 
 async def test_resuming_from_the_priming_event_replays_the_whole_stream(server: Server) -> None:
     async with server.client() as http:
-        client = Client(http)
+        client = McpClient(http)
         await client.initialize()
         server.gate.set()
-        _, call = client.call_tool("progress", {"count": 3}, token="q")
+        _, call = client.call_tool("progress", {"count": 3}, progress_token="q")
         async with call as stream:
             events = await stream.rest()
         priming = events[0]
@@ -77,33 +77,24 @@ async def test_resuming_from_the_priming_event_replays_the_whole_stream(server: 
     assert progress_values([e for e in replayed if e], "q") == [1, 2, 3]
 
 
-async def read_until_response(stream: object, request_id: int) -> list[SSE]:
-    events: list[SSE] = []
-    while not any(e.message and e.message.get("id") == request_id for e in events):
-        event = await stream.next()  # type: ignore[attr-defined]
-        assert event is not None, events
-        events.append(event)
-    return events
-
-
 async def test_close_sse_stream_then_the_client_resumes(server: Server) -> None:
     async with server.client() as http:
-        client = Client(http)
+        client = McpClient(http)
         await client.initialize()
-        request_id, call = client.call_tool("progress", {"count": 4, "close_after": 2}, token="c")
+        request_id, call = client.call_tool("progress", {"count": 4, "close_after": 2}, progress_token="c")
         async with call as stream:
             before_close = await stream.rest()  # ends when the server closes it
         # Where the cut falls depends on delivery; what was stored does not.
         assert progress_values(before_close, "c") in ([], [1], [1, 2])
         await server.recorder.wait_for(is_response(request_id))
         async with client.get(last_event_id=before_close[-1].id) as resumed:
-            after = await read_until_response(resumed, request_id)
+            after = await resumed.until_response(request_id)
     assert progress_values(before_close + after, "c") == [1, 2, 3, 4]
 
 
 async def test_the_standalone_get_stream_resumes(server: Server) -> None:
     async with server.client() as http:
-        client = Client(http)
+        client = McpClient(http)
         await client.initialize()
         async with client.get() as standalone:
             _, call = client.call_tool("announce", {"text": "first"})
@@ -135,7 +126,7 @@ async def test_a_garbage_last_event_id_gets_an_empty_stream_not_an_error(
     server: Server, garbage: str
 ) -> None:
     async with server.client() as http:
-        client = Client(http)
+        client = McpClient(http)
         await client.initialize()
         async with client.get(last_event_id=garbage) as resumed:
             assert resumed.response.status_code == 200
@@ -145,12 +136,12 @@ async def test_a_garbage_last_event_id_gets_an_empty_stream_not_an_error(
 async def test_sessions_with_colliding_stream_ids_never_see_each_others_events(server: Server) -> None:
     server.gate.set()
     async with server.client() as http_a, server.client() as http_b:
-        alice, bob = Client(http_a), Client(http_b)
+        alice, bob = McpClient(http_a), McpClient(http_b)
         await asyncio.gather(alice.initialize(), bob.initialize())
 
-        async def run(client: Client, name: str) -> tuple[list[SSE], SSE]:
+        async def run(client: McpClient, name: str) -> tuple[list[SSE], SSE]:
             # Same request id in both sessions: both POST streams are stream "2".
-            request_id, call = client.call_tool("progress", {"count": 3}, token=name)
+            request_id, call = client.call_tool("progress", {"count": 3}, progress_token=name)
             assert request_id == 2
             async with call as stream:
                 events = await stream.rest()
@@ -187,9 +178,9 @@ async def test_sessions_with_colliding_stream_ids_never_see_each_others_events(s
 async def test_streams_are_filed_under_the_real_mcp_session_id(server: Server, admin: object) -> None:
     server.gate.set()
     async with server.client() as http:
-        client = Client(http)
+        client = McpClient(http)
         await client.initialize()
-        _, call = client.call_tool("progress", {"count": 1}, token="k")
+        _, call = client.call_tool("progress", {"count": 1}, progress_token="k")
         async with call as stream:
             await stream.rest()
     keys = {key for key, stream, _ in server.recorder.stored if stream == "2"}

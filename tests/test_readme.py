@@ -12,16 +12,21 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from .mcp_http import Client, progress_values
+from .mcp_http import McpClient, progress_values
 from .messages import MCP_MAJOR
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def quickstart() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    (block,) = [b for b in blocks if b.startswith(f"# mcp {MCP_MAJOR}.x")]
+def quickstart(major: int) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    (block,) = [b for b in blocks if b.startswith(f"# mcp {major}.x")]
     return block
+
+
+def test_the_examples_are_the_readme_quickstart() -> None:
+    for major in (1, 2):
+        assert (ROOT / "examples" / f"server_mcp{major}.py").read_text() == quickstart(major)
 
 
 def free_port() -> int:
@@ -30,9 +35,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_the_quickstart_serves_resumable_streams(dsn: str, tmp_path: Path) -> None:
-    script = tmp_path / "quickstart.py"
-    script.write_text(quickstart())
+async def test_the_quickstart_example_serves_resumable_streams(dsn: str) -> None:
+    script = ROOT / "examples" / f"server_mcp{MCP_MAJOR}.py"
     port = free_port()
     env = {**os.environ, "MCP_PG_EVENTS_DSN": dsn, "PORT": str(port)}
     process = await asyncio.create_subprocess_exec(
@@ -44,9 +48,9 @@ async def test_the_quickstart_serves_resumable_streams(dsn: str, tmp_path: Path)
             assert line, "the quickstart exited before serving"
 
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
-            client = Client(http)
+            client = McpClient(http)
             await client.initialize()
-            _, call = client.call_tool("count", {"to": 3}, token="t")
+            _, call = client.call_tool("count", {"to": 3}, progress_token="t")
             async with call as stream:
                 events = await stream.rest()
             assert progress_values(events, "t") == [1, 2, 3]

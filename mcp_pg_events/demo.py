@@ -1,0 +1,326 @@
+"""``mcp-pg-events demo``: an MCP server whose stream drops and resumes, with nothing lost.
+
+It serves a tool that streams progress notifications over Streamable HTTP on
+loopback, and runs a client that drops its SSE stream half-way, reconnects with
+``Last-Event-ID`` and checks that every notification arrived exactly once.
+The client speaks the wire protocol with httpx, so every step is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import uvicorn
+from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
+
+from .integration import scope_sessions
+
+try:  # mcp 2.x
+    from mcp.server.mcpserver import Context  # type: ignore[import-not-found, unused-ignore]
+    from mcp.server.mcpserver import MCPServer as _Server  # type: ignore[import-not-found, unused-ignore]
+
+    MCP_MAJOR = 2
+except ImportError:  # mcp 1.x
+    from mcp.server.fastmcp import Context  # type: ignore[attr-defined, no-redef, unused-ignore]
+    from mcp.server.fastmcp import FastMCP as _Server  # type: ignore[attr-defined, no-redef, assignment, unused-ignore]
+
+    MCP_MAJOR = 1
+
+PROTOCOL_VERSION = "2025-11-25"
+READ_TIMEOUT = 15.0
+# Names the demo's progress notifications (a progress token, not a secret).
+PROGRESS_TOKEN = "demo"  # noqa: S105
+
+__all__ = ["MCP_MAJOR", "Context", "McpClient", "SSEStream", "new_server", "streamable_app"]
+
+
+def new_server(name: str, store: EventStore | None) -> Any:
+    """An ``MCPServer`` (mcp 2.x) or a ``FastMCP`` (mcp 1.x), which takes the store up front."""
+    if MCP_MAJOR == 2:
+        return _Server(name)
+    return _Server(name, event_store=store)  # type: ignore[call-arg, unused-ignore]
+
+
+def streamable_app(server: Any, store: EventStore | None) -> Any:
+    """The server's Streamable HTTP app, with each session scoped to its own view of ``store``."""
+    app = server.streamable_http_app(event_store=store) if MCP_MAJOR == 2 else server.streamable_http_app()
+    scope_sessions(server.session_manager)
+    return app
+
+
+@asynccontextmanager
+async def serve(app: Any, port: int = 0) -> AsyncIterator[str]:
+    """Serve ``app`` on loopback (``port`` 0: any free port); yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    # Clients may connect at once: the kernel queues them until uvicorn accepts.
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@dataclass
+class SSE:
+    """One server-sent event."""
+
+    id: str | None
+    data: str
+
+    @property
+    def message(self) -> dict[str, Any] | None:
+        return json.loads(self.data) if self.data else None
+
+
+class SSEStream:
+    """The events of one streaming HTTP response."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.aiter_lines()
+
+    async def next(self) -> SSE | None:
+        """The next event, or None when the server ended the stream."""
+        event_id: str | None = None
+        data: list[str] = []
+        seen = False
+        while True:
+            try:
+                line = await asyncio.wait_for(self._lines.__anext__(), READ_TIMEOUT)
+            except StopAsyncIteration:
+                return SSE(event_id, "\n".join(data)) if seen else None
+            if line == "":
+                if seen:
+                    return SSE(event_id, "\n".join(data))
+                continue
+            if line.startswith(":"):
+                continue
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "id":
+                event_id, seen = value, True
+            elif field == "data":
+                data.append(value)
+                seen = True
+            elif field in ("event", "retry"):
+                seen = True
+
+    async def rest(self) -> list[SSE]:
+        """Every event until the server ends the stream."""
+        events = []
+        while (event := await self.next()) is not None:
+            events.append(event)
+        return events
+
+    async def until_response(self, request_id: int) -> list[SSE]:
+        """Events up to and including the response to ``request_id``."""
+        events: list[SSE] = []
+        while not any(e.message and e.message.get("id") == request_id for e in events):
+            event = await self.next()
+            if event is None:
+                raise ConnectionError(f"the stream ended before the response to request {request_id}")
+            events.append(event)
+        return events
+
+
+class McpClient:
+    """One MCP session over Streamable HTTP, driven step by step."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+        self.session_id: str | None = None
+        self._last_id = 1
+
+    def _headers(self, **extra: str) -> dict[str, str]:
+        headers = {"accept": "application/json, text/event-stream", "mcp-protocol-version": PROTOCOL_VERSION}
+        if self.session_id:
+            headers["mcp-session-id"] = self.session_id
+        headers.update(extra)
+        return headers
+
+    async def initialize(self) -> None:
+        params = {
+            "protocolVersion": PROTOCOL_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": "mcp-pg-events-demo", "version": "1"},
+        }
+        async with self.post({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}) as stream:
+            self.session_id = stream.response.headers["mcp-session-id"]
+            await stream.until_response(1)
+        response = await self.http.post(
+            "/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=self._headers()
+        )
+        response.raise_for_status()
+
+    @asynccontextmanager
+    async def post(self, payload: dict[str, Any]) -> AsyncIterator[SSEStream]:
+        request = self.http.build_request("POST", "/mcp", json=payload, headers=self._headers())
+        response = await self.http.send(request, stream=True)
+        try:
+            if response.status_code != 200:
+                raise ConnectionError(f"POST answered {response.status_code}: {(await response.aread())!r}")
+            yield SSEStream(response)
+        finally:
+            await response.aclose()
+
+    def call_tool(
+        self, name: str, arguments: dict[str, Any], progress_token: str | None = None
+    ) -> tuple[int, Any]:
+        """The request id and a context manager that opens the call's SSE stream."""
+        self._last_id += 1
+        params: dict[str, Any] = {"name": name, "arguments": arguments}
+        if progress_token is not None:
+            params["_meta"] = {"progressToken": progress_token}
+        payload = {"jsonrpc": "2.0", "id": self._last_id, "method": "tools/call", "params": params}
+        return self._last_id, self.post(payload)
+
+    @asynccontextmanager
+    async def get(self, last_event_id: str | None = None) -> AsyncIterator[SSEStream]:
+        """The standalone GET stream, or with ``last_event_id`` the resumption of a stream."""
+        extra = {"accept": "text/event-stream"}
+        if last_event_id is not None:
+            extra["last-event-id"] = last_event_id
+        request = self.http.build_request("GET", "/mcp", headers=self._headers(**extra))
+        response = await self.http.send(request, stream=True)
+        try:
+            yield SSEStream(response)
+        finally:
+            await response.aclose()
+
+
+class _ResponseWatch:
+    """Forwards ``session()``; tells when a request's response has been stored."""
+
+    def __init__(self, backing: Any) -> None:
+        self._backing = backing
+        self._stored: set[Any] = set()
+        self._changed = asyncio.Event()
+
+    def session(self, key: str) -> EventStore:
+        return _WatchedView(self, self._backing.session(key))
+
+    def saw(self, message: Any) -> None:
+        root = getattr(message, "root", message)  # mcp 1.x wraps messages in a RootModel
+        if hasattr(root, "result") or hasattr(root, "error"):
+            self._stored.add(root.id)
+            self._changed.set()
+
+    async def response_stored(self, request_id: int) -> None:
+        while request_id not in self._stored:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class _WatchedView(EventStore):
+    def __init__(self, watch: _ResponseWatch, view: EventStore) -> None:
+        self._watch, self._view = watch, view
+
+    async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
+        event_id = await self._view.store_event(stream_id, message)
+        if message is not None:
+            self._watch.saw(message)
+        return event_id
+
+    async def replay_events_after(
+        self, last_event_id: EventId, send_callback: EventCallback
+    ) -> StreamId | None:
+        return await self._view.replay_events_after(last_event_id, send_callback)
+
+
+def _demo_app(store: Any, pace: float) -> Any:
+    server = new_server("mcp-pg-events-demo", store)
+
+    @server.tool()  # type: ignore[untyped-decorator, unused-ignore]
+    async def countdown(n: int, ctx: Context) -> str:  # type: ignore[type-arg, unused-ignore]
+        """Count down from n: one progress notification per step."""
+        for i in range(1, n + 1):
+            await ctx.report_progress(i, n, f"{n - i} to go")
+            await asyncio.sleep(pace)
+        return f"counted down from {n}"
+
+    return streamable_app(server, store)
+
+
+def _progress(event: SSE) -> float | None:
+    message = event.message
+    if message and message.get("method") == "notifications/progress":
+        return float(message["params"]["progress"])
+    return None
+
+
+async def run_demo(
+    store: Any, *, events: int, drop_after: int, pace: float, say: Callable[[str], None]
+) -> bool:
+    """Serve, drop, resume, check. True when every notification arrived exactly once."""
+    watch = _ResponseWatch(store)
+    async with serve(_demo_app(watch, pace)) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        say(f"server   listening on {url}/mcp (mcp {MCP_MAJOR}.x, protocol {PROTOCOL_VERSION})")
+        client = McpClient(http)
+        await client.initialize()
+        say(f"client   session {client.session_id}")
+        say(f'client   calls "countdown" with n={events}: one progress notification per step')
+        request_id, call = client.call_tool("countdown", {"n": events}, progress_token=PROGRESS_TOKEN)
+        live: list[SSE] = []
+        async with call as stream:
+            while len(live) < drop_after:
+                event = await stream.next()
+                if event is None:
+                    raise ConnectionError("the server ended the stream early")
+                if (progress := _progress(event)) is not None:
+                    live.append(event)
+                    say(f"  live      progress {progress:>4.0f}/{events}   id {event.id}")
+        say(f"client   drops the SSE stream after {drop_after} notifications")
+        await asyncio.wait_for(watch.response_stored(request_id), READ_TIMEOUT + pace * events)
+        say("server   the tool went on alone: the rest and the result are stored in PostgreSQL")
+        cursor = live[-1].id
+        assert cursor is not None
+        say(f"client   reconnects: GET /mcp with Last-Event-ID: {cursor}")
+        async with client.get(last_event_id=cursor) as resumed:
+            replayed = await resumed.until_response(request_id)
+        for event in replayed:
+            if (progress := _progress(event)) is not None:
+                say(f"  replayed  progress {progress:>4.0f}/{events}   id {event.id}")
+            elif event.message and event.message.get("id") == request_id:
+                result = event.message.get("result", {}).get("content", [{}])[0].get("text")
+                say(f"  replayed  result: {result!r}")
+
+    received = [p for p in map(_progress, live + replayed) if p is not None]
+    expected = [float(i) for i in range(1, events + 1)]
+    lost = sorted(set(expected) - set(received))
+    doubled = len(received) - len(set(received))
+    ok = received == expected
+    say(
+        f"check    {len(set(received))} of {events} notifications, {len(live)} live and "
+        f"{len(received) - len(live)} replayed; lost {len(lost)}, doubled {doubled}: "
+        + ("OK" if ok else "FAILED")
+    )
+    return ok
+
+
+def say(line: str) -> None:
+    """Print one line of demo progress, at once."""
+    print(line, flush=True)
+
+
+async def serve_forever(store: Any, port: int, pace: float) -> None:
+    """Run only the demo server, for an external client such as the MCP Inspector."""
+    async with serve(_demo_app(store, pace), port) as url:
+        say(f"server   listening on {url}/mcp (mcp {MCP_MAJOR}.x); Ctrl-C stops it")
+        await asyncio.Event().wait()
+
+
+if __name__ == "__main__":  # pragma: no cover - the CLI is the entry point
+    sys.exit("run: mcp-pg-events demo")

@@ -1,0 +1,54 @@
+"""``mcp-pg-events demo``, run as a newcomer runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+DEMO_ENV_PREFIXES = ("MCP_PG_EVENTS_", "DATABASE_URL")
+
+
+async def run_demo(*args: str, **env: str) -> tuple[int, str, str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(DEMO_ENV_PREFIXES)}
+    environment.update(env)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcp_pg_events.cli", "demo", "--pace", "0", *args,
+        env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_the_demo_resumes_a_dropped_stream_on_a_given_database(dsn: str) -> None:
+    code, out, err = await run_demo("--events", "8", "--drop-after", "3", MCP_PG_EVENTS_DSN=dsn)
+    assert code == 0, out + err
+    assert out.count("  live ") == 3
+    assert out.count("  replayed  progress") == 5
+    assert "replayed  result: 'counted down from 8'" in out
+    assert "lost 0, doubled 0: OK" in out
+    assert err == ""
+
+
+async def test_the_demo_runs_an_embedded_postgresql_and_reuses_it(tmp_path: Path) -> None:
+    data = tmp_path / "pgdata"
+    code, out, err = await run_demo(
+        "--events", "4", "--drop-after", "2", MCP_PG_EVENTS_EMBEDDED_DATA=str(data)
+    )  # fmt: skip
+    assert code == 0, out + err
+    assert f"embedded PostgreSQL in {data} (new)" in out
+    assert "lost 0, doubled 0: OK" in out
+
+    code, out, err = await run_demo("--events", "4", "--drop-after", "2", "--data-dir", str(data))
+    assert code == 0, out + err
+    assert f"embedded PostgreSQL in {data} (reused)" in out
+    # Stopped on exit: no server holds the data folder any more.
+    assert not (data / "postmaster.pid").exists()
+
+
+async def test_bad_demo_flags_are_one_line() -> None:
+    code, _, err = await run_demo("--events", "3", "--drop-after", "3")
+    assert code == 2
+    assert err.strip() == "mcp-pg-events: error: --drop-after must be from 1 to --events - 1 (2)"
