@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,8 +21,26 @@ from .errors import ConfigurationError, McpPgEventsError
 from .schema import SCHEMA_REVISION
 
 
-def _env_default(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
+def _option(
+    parser: argparse.ArgumentParser, flag: str, env: str, default: object, help: str, type: Any = str
+) -> None:
+    """A flag whose default comes from ``env``; argparse checks that value like a typed one."""
+    parser.add_argument(
+        flag, type=type, default=os.environ.get(env, default), help=f"{help} [env: {env}; default: {default}]"
+    )
+
+
+def _switch(parser: argparse.ArgumentParser, flag: str, env: str, help: str) -> None:
+    """An on/off flag, also on when ``env`` is set to anything but empty, 0 or false."""
+    on = os.environ.get(env, "").lower() not in ("", "0", "false", "no")
+    parser.add_argument(flag, action="store_true", default=on, help=f"{help} [env: {env}]")
+
+
+def _dsn_option(parser: argparse.ArgumentParser) -> None:
+    # Resolved later, so that the error for a missing DSN names both variables.
+    parser.add_argument(
+        "--dsn", default=None, help=f"PostgreSQL DSN [env: {DSN_ENV}, else {FALLBACK_DSN_ENV}]"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,22 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         help="create or upgrade the mcp_events_* tables",
         description="Migrate the database to the schema this version needs (alembic, own version table).",
     )
-    migrate.add_argument(
-        "--dsn",
-        default=None,
-        help=f"PostgreSQL DSN [env: {DSN_ENV}, else {FALLBACK_DSN_ENV}]",
-    )
-    migrate.add_argument(
-        "--revision",
-        default=_env_default("MCP_PG_EVENTS_REVISION", "head"),
-        help="target revision [env: MCP_PG_EVENTS_REVISION; default: head]",
-    )
-    migrate.add_argument(
-        "--sql",
-        action="store_true",
-        default=_env_default("MCP_PG_EVENTS_SQL", "") not in ("", "0", "false"),
-        help="print the SQL instead of running it; needs no database [env: MCP_PG_EVENTS_SQL]",
-    )
+    _dsn_option(migrate)
+    _option(migrate, "--revision", "MCP_PG_EVENTS_REVISION", "head", "target revision")
+    _switch(migrate, "--sql", "MCP_PG_EVENTS_SQL", "print the SQL instead of running it; needs no database")
 
     demo = commands.add_parser(
         "demo",
@@ -62,45 +68,20 @@ def _parser() -> argparse.ArgumentParser:
             "Without a DSN it runs an embedded PostgreSQL in its own folder (kept between runs)."
         ),
     )
-    demo.add_argument("--dsn", default=None, help=f"PostgreSQL DSN [env: {DSN_ENV}, else {FALLBACK_DSN_ENV}]")
-    demo.add_argument(
-        "--data-dir",
-        default=None,
-        help=f"folder of the embedded PostgreSQL [env: {DATA_ENV}; default: {default_data_dir()}]",
-    )
-    demo.add_argument(
+    _dsn_option(demo)
+    _option(demo, "--data-dir", DATA_ENV, default_data_dir(), "folder of the embedded PostgreSQL", Path)
+    _switch(
+        demo,
         "--serve",
-        action="store_true",
-        default=_env_default("MCP_PG_EVENTS_DEMO_SERVE", "") not in ("", "0", "false"),
-        help="only run the server, for an external client such as the MCP Inspector "
-        "[env: MCP_PG_EVENTS_DEMO_SERVE]",
+        "MCP_PG_EVENTS_DEMO_SERVE",
+        "only run the server, for a client such as the MCP Inspector",
     )
-    demo.add_argument(
-        "--port",
-        type=int,
-        default=int(_env_default("MCP_PG_EVENTS_DEMO_PORT", "8000") or 8000),
-        help="port of --serve on 127.0.0.1 (the demo itself takes any free port) "
-        "[env: MCP_PG_EVENTS_DEMO_PORT; default: 8000]",
+    _option(demo, "--port", "MCP_PG_EVENTS_DEMO_PORT", 8000, "port of --serve on 127.0.0.1", int)
+    _option(demo, "--events", "MCP_PG_EVENTS_DEMO_EVENTS", 10, "progress notifications the tool sends", int)
+    _option(
+        demo, "--drop-after", "MCP_PG_EVENTS_DEMO_DROP_AFTER", 4, "notifications before the client drops", int
     )
-    demo.add_argument(
-        "--events",
-        type=int,
-        default=int(_env_default("MCP_PG_EVENTS_DEMO_EVENTS", "10") or 10),
-        help="progress notifications the tool sends [env: MCP_PG_EVENTS_DEMO_EVENTS; default: 10]",
-    )
-    demo.add_argument(
-        "--drop-after",
-        type=int,
-        default=int(_env_default("MCP_PG_EVENTS_DEMO_DROP_AFTER", "4") or 4),
-        help="notifications received before the client drops its stream "
-        "[env: MCP_PG_EVENTS_DEMO_DROP_AFTER; default: 4]",
-    )
-    demo.add_argument(
-        "--pace",
-        type=float,
-        default=float(_env_default("MCP_PG_EVENTS_DEMO_PACE", "0.05") or 0.05),
-        help="seconds between notifications [env: MCP_PG_EVENTS_DEMO_PACE; default: 0.05]",
-    )
+    _option(demo, "--pace", "MCP_PG_EVENTS_DEMO_PACE", 0.05, "seconds between notifications", float)
     return parser
 
 
@@ -115,7 +96,7 @@ def _demo(args: argparse.Namespace) -> int:
         if dsn:
             say(f"database {redact(dsn)}")
         else:
-            folder = Path(args.data_dir) if args.data_dir else default_data_dir()
+            folder = args.data_dir
             reused = (folder / "PG_VERSION").exists()
             say(f"database embedded PostgreSQL in {folder} ({'reused' if reused else 'new'})")
             dsn = stack.enter_context(embedded_postgres(folder))

@@ -19,6 +19,7 @@ import tempfile
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -97,31 +98,30 @@ def template_database(server_dsn: str) -> Iterator[str]:
         asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-async def _fresh_database(server_dsn: str, template: str | None) -> str:
+@asynccontextmanager
+async def _database(server_dsn: str, template: str | None) -> AsyncIterator[str]:
+    """A database of the test's own (a copy of ``template``, else empty), dropped afterwards."""
     name = f"mcp_events_test_{uuid.uuid4().hex[:12]}"
     clause = f' TEMPLATE "{template}"' if template else ""
     await _admin(server_dsn, f'CREATE DATABASE "{name}"{clause}')
-    return name
+    try:
+        yield with_database(server_dsn, name)
+    finally:
+        await _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 async def dsn(server_dsn: str, template_database: str) -> AsyncIterator[str]:
     """DSN of a fresh, migrated database of the test's own."""
-    name = await _fresh_database(server_dsn, template_database)
-    try:
-        yield with_database(server_dsn, name)
-    finally:
-        await _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with _database(server_dsn, template_database) as dsn:
+        yield dsn
 
 
 @pytest.fixture
 async def empty_dsn(server_dsn: str) -> AsyncIterator[str]:
     """DSN of a fresh database that has not been migrated."""
-    name = await _fresh_database(server_dsn, None)
-    try:
-        yield with_database(server_dsn, name)
-    finally:
-        await _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with _database(server_dsn, None) as dsn:
+        yield dsn
 
 
 @pytest.fixture
