@@ -151,7 +151,8 @@ class McpClient:
         headers.update(extra)
         return headers
 
-    async def initialize(self) -> None:
+    async def initialize(self) -> list[SSE]:
+        """Open the session; returns the events of the initialize request's stream."""
         params = {
             "protocolVersion": PROTOCOL_VERSION,
             "capabilities": {},
@@ -159,11 +160,12 @@ class McpClient:
         }
         async with self.post({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}) as stream:
             self.session_id = stream.response.headers["mcp-session-id"]
-            await stream.until_response(1)
+            events = await stream.until_response(1)
         response = await self.http.post(
             "/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=self._headers()
         )
         response.raise_for_status()
+        return events
 
     @asynccontextmanager
     async def post(self, payload: dict[str, Any]) -> AsyncIterator[SSEStream]:

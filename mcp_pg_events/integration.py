@@ -9,8 +9,8 @@ The SDK picks the session id inside the same call that reads the attribute, so
 it is not known yet. A session's store starts under a provisional key and moves
 to the real MCP session id when the ``mcp-session-id`` header of the response
 that opened the session goes out; operators then find the session's streams
-under the id that clients and logs show. Events stored before that (the opening
-request's own stream) stay under the provisional key, and replay looks there too.
+under the id that clients and logs show. Streams begun before that (the opening
+request's own) stay under the provisional key, and replay looks there too.
 """
 
 from __future__ import annotations
@@ -44,23 +44,31 @@ class _SessionBinding(EventStore):
 
     def __init__(self, backing: SessionScopedStore) -> None:
         self._backing = backing
-        # Newest scope first: appends go to it, replays try each in turn.
-        self._scopes = [backing.session(PROVISIONAL_PREFIX + uuid.uuid4().hex)]
+        self._provisional = backing.session(PROVISIONAL_PREFIX + uuid.uuid4().hex)
+        self._bound: EventStore | None = None
+        # Streams begun before the session id was known: they stay where they began,
+        # so that one stream never spans two scopes (the opening request's priming
+        # event is stored before the header goes out, its response after).
+        self._early_streams: set[str] = set()
 
     def bind(self, session_id: str) -> None:
-        self._scopes.insert(0, self._backing.session(session_id))
+        self._bound = self._backing.session(session_id)
 
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
-        return await self._scopes[0].store_event(stream_id, message)
+        if self._bound is None:
+            self._early_streams.add(stream_id)
+            return await self._provisional.store_event(stream_id, message)
+        scope = self._provisional if stream_id in self._early_streams else self._bound
+        return await scope.store_event(stream_id, message)
 
     async def replay_events_after(
         self, last_event_id: EventId, send_callback: EventCallback
     ) -> StreamId | None:
-        for scope in self._scopes:
-            stream_id = await scope.replay_events_after(last_event_id, send_callback)
-            if stream_id is not None:
+        if self._bound is not None:
+            stream_id = await self._bound.replay_events_after(last_event_id, send_callback)
+            if stream_id is not None or not self._early_streams:
                 return stream_id
-        return None
+        return await self._provisional.replay_events_after(last_event_id, send_callback)
 
 
 class _ScopesSessions:

@@ -41,6 +41,15 @@ LAST_EVENT = """
 SELECT seq, message FROM mcp_events_events WHERE stream_key = $1 ORDER BY seq DESC LIMIT 1
 """
 
+# End the server process of an append whose answer was lost, and wait (up to 10 s)
+# until it is gone, so it cannot commit after we looked. Only a process of our own
+# role in this database: a pid may have been reused. NULL when it is already gone.
+# $1 pid
+END_BACKEND = """
+SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity
+WHERE pid = $1 AND usename = current_user AND datname = current_database()
+"""
+
 # Resolve a replay cursor: the stream's name when the cursor event still exists and
 # belongs to this session. A foreign, forged or expired cursor gives no row.
 # $1 stream key, $2 seq, $3 tag, $4 session key

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
@@ -30,7 +30,7 @@ from .errors import (
 from .event_ids import format_event_id, new_tag, parse_event_id
 from .messages import dump_message, event_message
 from .retry import Backoff, is_transient
-from .schema import SCHEMA_REVISION
+from .schema import EVENTS, SCHEMA_REVISION
 
 logger = logging.getLogger("mcp_pg_events")
 
@@ -49,13 +49,22 @@ _NOT_MIGRATED = (
 class _Stream:
     """What a view knows of one of its streams. ``lock`` orders appends in-process."""
 
-    __slots__ = ("key", "last_seq", "lock", "tag")
+    __slots__ = ("key", "last_seq", "lock", "tag", "users")
 
     def __init__(self) -> None:
         self.key: int | None = None
         self.tag = ""
         self.last_seq = 0
         self.lock = asyncio.Lock()
+        # Appends holding or waiting for the lock: a stream in use is never evicted.
+        self.users = 0
+
+
+class _UnsureAppend(NamedTuple):
+    """An append sent on the connection of server process ``pid`` after seq ``after``."""
+
+    pid: int
+    after: int
 
 
 def _encode_stream_id(stream_id: str) -> bytes:
@@ -73,7 +82,14 @@ def _not_migrated(exc: BaseException) -> bool:
 
 
 def _no_partition(exc: BaseException) -> bool:
-    return isinstance(exc, asyncpg.CheckViolationError) and "no partition" in str(exc)
+    # "no partition of relation ... found for row": a check violation (23514) on the
+    # events table with no constraint named. Matched on fields, not on the message,
+    # which the server translates to its lc_messages.
+    return (
+        isinstance(exc, asyncpg.CheckViolationError)
+        and getattr(exc, "table_name", None) == EVENTS
+        and getattr(exc, "constraint_name", None) is None
+    )
 
 
 class PostgresEventStore(EventStore):
@@ -191,8 +207,8 @@ class PostgresEventStore(EventStore):
     async def _append(self, session_key: str, stream_id: str, stream: _Stream, data: bytes | None) -> EventId:
         """Append one event and return its id once committed. Caller holds ``stream.lock``."""
         backoff: Backoff | None = None
-        # stream.last_seq when an append was sent whose commit we never heard of.
-        unsure_after: int | None = None
+        # An append whose answer was lost: it may have committed, or may still.
+        unsure: _UnsureAppend | None = None
         needs_partition = False
         repairs = 0
         while True:
@@ -204,16 +220,17 @@ class PostgresEventStore(EventStore):
                     await self._resolve_stream(session_key, stream_id, stream)
                 assert stream.key is not None
                 seq = None
-                if unsure_after is not None:
-                    seq = await self._committed_seq(stream.key, unsure_after, data)
-                    unsure_after = None
+                if unsure is not None:
+                    seq = await self._committed_seq(stream.key, unsure, data)
+                    unsure = None
                 if seq is None:
-                    unsure_after = stream.last_seq
-                    seq = await self._append_once(stream.key, data)
-                    unsure_after = None
+                    async with self._pool.acquire() as conn:
+                        unsure = _UnsureAppend(conn.get_server_pid(), stream.last_seq)
+                        seq = await conn.fetchval(sql.APPEND, stream.key, data)
+                    unsure = None
             except Exception as exc:
                 if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
-                    unsure_after = None  # the server refused the statement: nothing was written
+                    unsure = None  # the server refused the statement: nothing was written
                 if repairs < 3 and (_no_partition(exc) or isinstance(exc, asyncpg.ForeignKeyViolationError)):
                     # No partition for the new seq yet (maintenance is late), or retention
                     # removed the stream row while it was empty: repair, then append again.
@@ -243,18 +260,20 @@ class PostgresEventStore(EventStore):
         assert row is not None
         stream.key, stream.tag, stream.last_seq = row["id"], row["tag"], row["last_seq"] or 0
 
-    async def _append_once(self, stream_key: int, data: bytes | None) -> int:
-        seq: int = await self._pool.fetchval(sql.APPEND, stream_key, data)
-        return seq
+    async def _committed_seq(self, stream_key: int, unsure: _UnsureAppend, data: bytes | None) -> int | None:
+        """The seq of an append whose answer was lost, if it committed; None if it never will.
 
-    async def _committed_seq(self, stream_key: int, after: int, data: bytes | None) -> int | None:
-        """The seq of an append whose answer was lost, if it did commit.
-
-        A stream has one writer at a time (the caller holds its lock), so a row past
-        the last acknowledged one, with the same message, can only be that append.
+        Its server process may still be running (waiting for the stream's lock, or
+        for a slow disk) and commit later: end it first, so that what the stream
+        holds afterwards is final. A stream has one writer at a time (the caller
+        holds its lock), so a row past the last acknowledged one, with the same
+        message, can only be that append.
         """
+        ended = await self._pool.fetchval(sql.END_BACKEND, unsure.pid)
+        if ended is False:
+            raise asyncpg.InterfaceError(f"the server process {unsure.pid} of a lost append did not end yet")
         row = await self._pool.fetchrow(sql.LAST_EVENT, stream_key)
-        if row is not None and row["seq"] > after and row["message"] == data:
+        if row is not None and row["seq"] > unsure.after and row["message"] == data:
             return int(row["seq"])
         return None
 
@@ -334,14 +353,18 @@ class SessionEventStore(EventStore):
             if len(self._streams) >= MAX_CACHED_STREAMS:
                 self._forget_idle_streams()
             stream = self._streams[stream_id] = _Stream()
-        async with stream.lock:
-            return await self._root._append(self.key, stream_id, stream, data)
+        stream.users += 1
+        try:
+            async with stream.lock:
+                return await self._root._append(self.key, stream_id, stream, data)
+        finally:
+            stream.users -= 1
 
     def _forget_idle_streams(self) -> None:
         # Every request of a session is a stream of its own: keep the cache bounded.
         # A forgotten stream is looked up again on its next append; its order is
         # still safe, the database serializes appends per stream.
-        idle = [stream_id for stream_id, stream in self._streams.items() if not stream.lock.locked()]
+        idle = [stream_id for stream_id, stream in self._streams.items() if not stream.users]
         for stream_id in idle[: MAX_CACHED_STREAMS // 2]:
             del self._streams[stream_id]
 

@@ -175,6 +175,20 @@ async def test_sessions_with_colliding_stream_ids_never_see_each_others_events(s
             assert own_get.message and own_get.message["params"]["uri"] == f"test://{name}"
 
 
+async def test_the_opening_initialize_stream_resumes_with_its_response(server: Server) -> None:
+    # Its priming event is stored before the session id is known, its response after:
+    # both must still be one stream.
+    async with server.client() as http:
+        client = McpClient(http)
+        opening = await client.initialize()
+        priming = opening[0]
+        assert priming.id and priming.data == ""
+        async with client.get(last_event_id=priming.id) as resumed:
+            replayed = await resumed.until_response(1)
+    (response,) = [e for e in replayed if e.data]
+    assert response.message is not None and "serverInfo" in response.message["result"]
+
+
 async def test_streams_are_filed_under_the_real_mcp_session_id(server: Server, admin: object) -> None:
     server.gate.set()
     async with server.client() as http:

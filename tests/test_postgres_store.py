@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
 import pytest
@@ -247,3 +247,75 @@ async def test_a_lost_commit_answer_followed_by_an_outage_is_stored_once(
         assert await view.replay_events_after(cursor, got) == "1"
         assert [(e.event_id, e.message) for e in got.events] == [(event_id, message)]
         assert await admin.fetchval("SELECT count(*) FROM mcp_events_events") == 2
+
+
+async def lock_waiters(admin: asyncpg.Connection) -> list[int]:
+    rows = await admin.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+    )
+    return [r["pid"] for r in rows]
+
+
+async def until(condition: Callable[[], Awaitable[bool]]) -> None:
+    """Wait for a state of the server that nothing signals (bounded)."""
+
+    async def poll() -> None:
+        while not await condition():  # noqa: ASYNC110 - a server's lock table sends no signal
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), 15)
+
+
+async def test_an_append_still_running_when_its_connection_drops_is_not_stored_twice(
+    proxy: FlakyProxy, admin: asyncpg.Connection, retry_signal: RetrySignal
+) -> None:
+    async with asyncpg.create_pool(proxy.dsn, min_size=1, max_size=2) as pool:
+        view = PostgresEventStore(pool, retry_deadline=30).session("s")
+        cursor = await view.store_event("1", None)
+        ref = parse_event_id(cursor)
+        assert ref is not None
+        # Hold the stream's lock so that the next append waits inside the server.
+        await admin.execute("SELECT pg_advisory_lock(1835233381, hashint8($1))", ref.stream_key)
+        message = notification("in flight when the connection dropped")
+        pending = asyncio.create_task(view.store_event("1", message))
+        try:
+            await until(lambda: _has_waiters(admin, 1))
+            (orphan,) = await lock_waiters(admin)
+            proxy.go_down()  # the client loses the connection; the server process waits on
+            proxy.go_up()
+            await retry_signal.retrying.wait()
+            # The retry must end the orphan before appending again, or both would commit.
+            await until(lambda: _only_waiter_is_not(admin, orphan))
+        finally:
+            await admin.execute("SELECT pg_advisory_unlock_all()")
+        event_id = await pending
+
+        got = Recorder()
+        assert await view.replay_events_after(cursor, got) == "1"
+        assert [(e.event_id, e.message) for e in got.events] == [(event_id, message)]
+
+
+async def _has_waiters(admin: asyncpg.Connection, count: int) -> bool:
+    return len(await lock_waiters(admin)) == count
+
+
+async def _only_waiter_is_not(admin: asyncpg.Connection, pid: int) -> bool:
+    waiters = await lock_waiters(admin)
+    return len(waiters) == 1 and waiters[0] != pid
+
+
+async def test_a_session_with_many_streams_keeps_a_bounded_cache(store: PostgresEventStore) -> None:
+    from mcp_pg_events.store import MAX_CACHED_STREAMS
+
+    view = store.session("s")
+    first = await view.store_event("0", None)
+    for i in range(1, MAX_CACHED_STREAMS + 50):
+        await view.store_event(str(i), None)
+    assert len(view._streams) <= MAX_CACHED_STREAMS
+    # A forgotten stream carries on where it was.
+    message = notification("after eviction")
+    again = await view.store_event("0", message)
+    got = Recorder()
+    assert await view.replay_events_after(first, got) == "0"
+    assert [(e.event_id, e.message) for e in got.events] == [(again, message)]
