@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import socket
 import sys
 from pathlib import Path
+
+import httpx
+
+from mcp_pg_events.demo import McpClient
 
 DEMO_ENV_PREFIXES = ("MCP_PG_EVENTS_", "DATABASE_URL")
 
@@ -52,3 +58,36 @@ async def test_bad_demo_flags_are_one_line() -> None:
     code, _, err = await run_demo("--events", "3", "--drop-after", "3")
     assert code == 2
     assert err.strip() == "mcp-pg-events: error: --drop-after must be from 1 to --events - 1 (2)"
+
+
+async def test_serve_answers_a_client_and_ctrl_c_stops_it_and_its_database(tmp_path: Path) -> None:
+    data = tmp_path / "pgdata"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(DEMO_ENV_PREFIXES)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcp_pg_events.cli", "demo", "--serve", "--port", str(port),
+        "--data-dir", str(data), env=environment,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        while f"127.0.0.1:{port}/mcp".encode() not in (
+            line := await asyncio.wait_for(process.stdout.readline(), 60)
+        ):
+            assert line, "the demo server exited before listening"
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
+            client = McpClient(http)
+            await client.initialize()
+            _, call = client.call_tool("countdown", {"n": 2}, progress_token="p")
+            async with call as stream:
+                events = await stream.rest()
+        assert any(e.message and e.message.get("method") == "notifications/progress" for e in events)
+        assert (data / "postmaster.pid").exists()
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 130, err
+    assert b"interrupted" in err
+    assert not (data / "postmaster.pid").exists()
