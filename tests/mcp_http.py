@@ -15,7 +15,16 @@ from mcp.server.streamable_http import EventCallback, EventId, EventStore, Strea
 
 from mcp_pg_events.demo import READ_TIMEOUT, SSE, Context, McpClient, new_server, serve, streamable_app
 
-__all__ = ["SSE", "McpClient", "RecordingStore", "build_app", "is_response", "progress_values", "serve"]
+__all__ = [
+    "SSE",
+    "McpClient",
+    "RecordingStore",
+    "build_app",
+    "is_response",
+    "progress_values",
+    "serve",
+    "wait_for_line",
+]
 
 
 class RecordingStore:
@@ -84,6 +93,13 @@ def build_app(store: Any, gate: asyncio.Event) -> Any:
         return "announced"
 
     return streamable_app(server, store)
+
+
+async def wait_for_line(output: asyncio.StreamReader | None, marker: bytes, timeout: float = 60) -> None:
+    """Read a child process's output until a line holds ``marker`` (its server is up)."""
+    assert output is not None
+    while marker not in (line := await asyncio.wait_for(output.readline(), timeout)):
+        assert line, f"the process exited before printing {marker!r}"
 
 
 def progress_values(events: list[SSE], token: str) -> list[float]:

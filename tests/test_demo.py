@@ -13,6 +13,8 @@ import httpx
 
 from mcp_pg_events.demo import McpClient
 
+from .mcp_http import wait_for_line
+
 DEMO_ENV_PREFIXES = ("MCP_PG_EVENTS_", "DATABASE_URL")
 
 
@@ -72,11 +74,7 @@ async def test_serve_answers_a_client_and_ctrl_c_stops_it_and_its_database(tmp_p
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        assert process.stdout is not None
-        while f"127.0.0.1:{port}/mcp".encode() not in (
-            line := await asyncio.wait_for(process.stdout.readline(), 60)
-        ):
-            assert line, "the demo server exited before listening"
+        await wait_for_line(process.stdout, f"127.0.0.1:{port}/mcp".encode())
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
             client = McpClient(http)
             await client.initialize()

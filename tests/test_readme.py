@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from .mcp_http import McpClient, progress_values
+from .mcp_http import McpClient, progress_values, wait_for_line
 from .messages import MCP_MAJOR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,9 +43,7 @@ async def test_the_quickstart_example_serves_resumable_streams(dsn: str) -> None
         sys.executable, str(script), env=env, stderr=asyncio.subprocess.PIPE
     )
     try:
-        assert process.stderr is not None
-        while b"Uvicorn running on" not in (line := await asyncio.wait_for(process.stderr.readline(), 30)):
-            assert line, "the quickstart exited before serving"
+        await wait_for_line(process.stderr, b"Uvicorn running on")
 
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
             client = McpClient(http)
