@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore, StreamIdTooLongError, UnscopedEventStoreError
@@ -41,6 +44,37 @@ GARBAGE_IDS = [
     "1;DROP TABLE mcp_events_events;--",
     "x" * 10_000,
 ]
+
+
+# Any JSON a message may carry. Lone surrogates are left out: pydantic cannot
+# serialize them, so the SDK could never send them either.
+json_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | json_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(json_text, inner, max_size=4),
+    max_leaves=25,
+)
+request_ids = st.integers(min_value=-(2**53), max_value=2**53) | json_text
+json_objects = st.dictionaries(json_text, json_values, max_size=5)
+any_message = (
+    st.builds(notification, json_text.filter(bool), json_objects)
+    | st.builds(response, request_ids, json_objects)
+    | st.builds(request, request_ids, json_text.filter(bool), json_objects)
+    | st.builds(error, request_ids, st.integers(min_value=-32768, max_value=32767), json_text)
+)
+# The fixture's store is shared by the examples on purpose (each uses a session of its
+# own), and each store's subclass runs the same method: with no example database,
+# neither can mix up examples between runs.
+properties = settings(
+    max_examples=75,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors],
+)
 
 
 class Recorder:
@@ -174,6 +208,28 @@ class StoreContract:
         got = Recorder()
         assert await view.replay_events_after(cursor, got) == stream_id
         assert [e.message for e in got.events] == [message]
+
+    @properties
+    @given(message=any_message)
+    async def test_any_message_round_trips_exactly(self, root: Any, message: Any) -> None:
+        view = root.session(uuid.uuid4().hex)
+        cursor = await view.store_event("1", None)
+        event_id = await view.store_event("1", message)
+        got = Recorder()
+        assert await view.replay_events_after(cursor, got) == "1"
+        assert [(e.event_id, e.message) for e in got.events] == [(event_id, message)]
+
+    @properties
+    @given(cursor=st.text(max_size=80) | st.binary(max_size=60).map(lambda b: b.decode("latin-1")))
+    async def test_any_string_as_cursor_gives_none_or_this_sessions_events(
+        self, root: Any, cursor: str
+    ) -> None:
+        mine, other = root.session(uuid.uuid4().hex), root.session(uuid.uuid4().hex)
+        await other.store_event("1", None)
+        await other.store_event("1", notification("not yours"))
+        got = Recorder()
+        assert await mine.replay_events_after(cursor, got) is None
+        assert got.events == []
 
     async def test_too_long_stream_id_is_refused_clearly(self, root: Any) -> None:
         with pytest.raises(StreamIdTooLongError, match="stream id"):
