@@ -153,8 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except McpPgEventsError as exc:
         print(f"mcp-pg-events: error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, ConnectionError) as exc:
+    except (ConnectionError, TimeoutError) as exc:
         print(f"mcp-pg-events: error: cannot reach the database: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. a data folder it may not write, several hosts all refusing
+        print(f"mcp-pg-events: error: {exc}", file=sys.stderr)
         return 2
     except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         # Alembic reaches the database through SQLAlchemy, which wraps the driver's error.
