@@ -39,7 +39,16 @@ READ_TIMEOUT = 15.0
 # Names the demo's progress notifications (a progress token, not a secret).
 PROGRESS_TOKEN = "demo"  # noqa: S105
 
-__all__ = ["MCP_MAJOR", "Context", "McpClient", "SSEStream", "new_server", "streamable_app"]
+__all__ = [
+    "MCP_MAJOR",
+    "Context",
+    "McpClient",
+    "RecordingStore",
+    "SSEStream",
+    "is_response",
+    "new_server",
+    "streamable_app",
+]
 
 
 def new_server(name: str, store: EventStore | None) -> Any:
@@ -203,43 +212,64 @@ class McpClient:
             await response.aclose()
 
 
-class _ResponseWatch:
-    """Forwards ``session()``; tells when a request's response has been stored."""
+class RecordingStore:
+    """Forwards ``session()`` to a real store and lets a caller await what gets stored.
+
+    The demo waits with it for a tool's result to be stored before resuming; the
+    tests use it to assert on what was stored, and under which session key.
+    """
 
     def __init__(self, backing: Any) -> None:
         self._backing = backing
-        self._stored: set[Any] = set()
+        # (session key, stream id, message as JSON or None for a priming event)
+        self.stored: list[tuple[str, str, dict[str, Any] | None]] = []
         self._changed = asyncio.Event()
 
     def session(self, key: str) -> EventStore:
-        return _WatchedView(self, self._backing.session(key))
+        return _RecordingView(self, self._backing.session(key), key)
 
-    def saw(self, message: Any) -> None:
-        root = getattr(message, "root", message)  # mcp 1.x wraps messages in a RootModel
-        if hasattr(root, "result") or hasattr(root, "error"):
-            self._stored.add(root.id)
-            self._changed.set()
+    async def wait_for(self, predicate: Callable[[str, dict[str, Any] | None], bool], timeout: float) -> None:
+        """Wait until an event for which ``predicate(stream_id, message)`` holds has been stored."""
 
-    async def response_stored(self, request_id: int) -> None:
-        while request_id not in self._stored:
-            self._changed.clear()
-            await self._changed.wait()
+        async def wait() -> None:
+            while not any(predicate(stream, message) for _, stream, message in self.stored):
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    def record(self, key: str, stream_id: str, message: Any) -> None:
+        data = (
+            None
+            if message is None
+            else json.loads(message.model_dump_json(by_alias=True, exclude_unset=True))
+        )
+        self.stored.append((key, stream_id, data))
+        self._changed.set()
 
 
-class _WatchedView(EventStore):
-    def __init__(self, watch: _ResponseWatch, view: EventStore) -> None:
-        self._watch, self._view = watch, view
+class _RecordingView(EventStore):
+    def __init__(self, recorder: RecordingStore, view: EventStore, key: str) -> None:
+        self._recorder, self._view, self._key = recorder, view, key
 
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
         event_id = await self._view.store_event(stream_id, message)
-        if message is not None:
-            self._watch.saw(message)
+        self._recorder.record(self._key, stream_id, message)
         return event_id
 
     async def replay_events_after(
         self, last_event_id: EventId, send_callback: EventCallback
     ) -> StreamId | None:
         return await self._view.replay_events_after(last_event_id, send_callback)
+
+
+def is_response(request_id: int) -> Callable[[str, dict[str, Any] | None], bool]:
+    """A ``RecordingStore.wait_for`` predicate: the response (or error) to ``request_id``."""
+
+    def check(stream: str, message: dict[str, Any] | None) -> bool:
+        return message is not None and message.get("id") == request_id and "method" not in message
+
+    return check
 
 
 def _demo_app(store: Any, pace: float) -> Any:
@@ -267,7 +297,7 @@ async def run_demo(
     store: Any, *, events: int, drop_after: int, pace: float, say: Callable[[str], None]
 ) -> bool:
     """Serve, drop, resume, check. True when every notification arrived exactly once."""
-    watch = _ResponseWatch(store)
+    watch = RecordingStore(store)
     async with serve(_demo_app(watch, pace)) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
         say(f"server   listening on {url}/mcp (mcp {MCP_MAJOR}.x, protocol {PROTOCOL_VERSION})")
         client = McpClient(http)
@@ -285,7 +315,7 @@ async def run_demo(
                     live.append(event)
                     say(f"  live      progress {progress:>4.0f}/{events}   id {event.id}")
         say(f"client   drops the SSE stream after {drop_after} notifications")
-        await asyncio.wait_for(watch.response_stored(request_id), READ_TIMEOUT + pace * events)
+        await watch.wait_for(is_response(request_id), READ_TIMEOUT + pace * events)
         say("server   the tool went on alone: the rest and the result are stored in PostgreSQL")
         cursor = live[-1].id
         assert cursor is not None

@@ -20,11 +20,11 @@ def migrations_dir() -> Path:
 
 
 def alembic_config(dsn: str | None = None) -> Config:
-    """An alembic config for the bundled migrations, on ``dsn`` (or the environment's)."""
+    """An alembic config for the bundled migrations, on ``dsn`` (else the environment's, in env.py)."""
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     if dsn is not None:
-        config.attributes["dsn"] = resolve_dsn(dsn)
+        config.attributes["dsn"] = dsn
     return config
 
 

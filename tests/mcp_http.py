@@ -1,19 +1,24 @@
-"""Helpers for end-to-end tests: a recording store and the test server's tools.
+"""Helpers for end-to-end tests: the test server's tools, and reading its events.
 
-The client, the SSE parser and the loopback server are the demo's (``mcp_pg_events.demo``):
-one implementation, exercised by both.
+The client, the SSE parser, the recording store and the loopback server are the
+demo's (``mcp_pg_events.demo``): one implementation, exercised by both.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Callable
 from typing import Any
 
-from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
-
-from mcp_pg_events.demo import READ_TIMEOUT, SSE, Context, McpClient, new_server, serve, streamable_app
+from mcp_pg_events.demo import (
+    SSE,
+    Context,
+    McpClient,
+    RecordingStore,
+    is_response,
+    new_server,
+    serve,
+    streamable_app,
+)
 
 __all__ = [
     "SSE",
@@ -25,50 +30,6 @@ __all__ = [
     "serve",
     "wait_for_line",
 ]
-
-
-class RecordingStore:
-    """Forwards ``session()`` to a real store and lets tests await what gets stored."""
-
-    def __init__(self, backing: Any) -> None:
-        self._backing = backing
-        self.stored: list[tuple[str, str, dict[str, Any] | None]] = []
-        self._changed = asyncio.Event()
-
-    def session(self, key: str) -> EventStore:
-        return _RecordingView(self, self._backing.session(key), key)
-
-    async def wait_for(self, predicate: Callable[[str, dict[str, Any] | None], bool]) -> None:
-        async def wait() -> None:
-            while not any(predicate(stream, message) for _, stream, message in self.stored):
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), READ_TIMEOUT)
-
-    def record(self, key: str, stream_id: str, message: Any) -> None:
-        data = (
-            None
-            if message is None
-            else json.loads(message.model_dump_json(by_alias=True, exclude_unset=True))
-        )
-        self.stored.append((key, stream_id, data))
-        self._changed.set()
-
-
-class _RecordingView(EventStore):
-    def __init__(self, recorder: RecordingStore, view: EventStore, key: str) -> None:
-        self._recorder, self._view, self._key = recorder, view, key
-
-    async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
-        event_id = await self._view.store_event(stream_id, message)
-        self._recorder.record(self._key, stream_id, message)
-        return event_id
-
-    async def replay_events_after(
-        self, last_event_id: EventId, send_callback: EventCallback
-    ) -> StreamId | None:
-        return await self._view.replay_events_after(last_event_id, send_callback)
 
 
 def build_app(store: Any, gate: asyncio.Event) -> Any:
@@ -110,10 +71,3 @@ def progress_values(events: list[SSE], token: str) -> list[float]:
         and e.message.get("method") == "notifications/progress"
         and e.message["params"]["progressToken"] == token
     ]
-
-
-def is_response(request_id: int) -> Callable[[str, dict[str, Any] | None], bool]:
-    def check(stream: str, message: dict[str, Any] | None) -> bool:
-        return message is not None and message.get("id") == request_id and "method" not in message
-
-    return check

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from mcp_pg_events import PostgresEventStore
+from mcp_pg_events.demo import READ_TIMEOUT
 
 from .mcp_http import SSE, McpClient, RecordingStore, build_app, is_response, progress_values, serve
 
@@ -48,7 +49,7 @@ async def test_a_dropped_post_stream_resumes_with_nothing_lost_or_doubled(server
             live = [await stream.next() for _ in range(3)]
         # The stream is gone; the tool goes on and everything it sends is stored.
         server.gate.set()
-        await server.recorder.wait_for(is_response(request_id))
+        await server.recorder.wait_for(is_response(request_id), READ_TIMEOUT)
 
         last = live[-1]
         assert last is not None and last.id
@@ -86,7 +87,7 @@ async def test_close_sse_stream_then_the_client_resumes(server: Server) -> None:
             before_close = await stream.rest()  # ends when the server closes it
         # Where the cut falls depends on delivery; what was stored does not.
         assert progress_values(before_close, "c") in ([], [1], [1, 2])
-        await server.recorder.wait_for(is_response(request_id))
+        await server.recorder.wait_for(is_response(request_id), READ_TIMEOUT)
         async with client.get(last_event_id=before_close[-1].id) as resumed:
             after = await resumed.until_response(request_id)
     assert progress_values(before_close + after, "c") == [1, 2, 3, 4]
