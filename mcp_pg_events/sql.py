@@ -20,26 +20,44 @@ RETURNING id, tag,
     (SELECT max(e.seq) FROM mcp_events_events e WHERE e.stream_key = mcp_events_streams.id) AS last_seq
 """
 
-# Append one event, committed by the implicit transaction of the statement.
-# The advisory lock (held until commit) keeps two appends to one stream from being
-# in flight at once, even from two processes. Without it, a bigserial is not commit
-# order: an append could take seq 10, another seq 11 and commit first, and a reader
-# that saw 11 would resume after it and never see 10. The lock is taken in the FROM
-# clause, so nextval() runs after it is granted.
-# $1 stream key, $2 message bytes (NULL for a priming event)
-APPEND = """
+# Append a batch of events (at most one per stream), committed together by the
+# implicit transaction of the statement. Each stream's advisory lock (held until
+# commit) keeps two appends to one stream from being in flight at once, even from
+# two processes. Without it, a bigserial is not commit order: an append could take
+# seq 10, another seq 11 and commit first, and a reader that saw 11 would resume
+# after it and never see 10. The locks are taken in the order of their keys, so two
+# batches cannot deadlock; the aggregate must finish before the join emits a row,
+# so every nextval() runs after every lock is granted.
+# $1 stream keys, $2 message bytes (NULL for a priming event), same length
+APPEND_BATCH = """
 INSERT INTO mcp_events_events (stream_key, seq, message)
-SELECT $1, nextval('mcp_events_seq'), $2
-FROM (SELECT pg_advisory_xact_lock(1835233381, hashint8($1))) AS stream_lock
-RETURNING seq
+SELECT batch.stream_key, nextval('mcp_events_seq'), batch.message
+FROM (
+    SELECT count(pg_advisory_xact_lock(1835233381, lock_key)) AS locked
+    FROM (SELECT DISTINCT hashint8(k) AS lock_key FROM unnest($1::bigint[]) AS k ORDER BY 1) AS lock_keys
+) AS stream_locks,
+unnest($1::bigint[], $2::bytea[]) AS batch(stream_key, message)
+RETURNING stream_key, seq
 """
 
-# The newest row of a stream: after a connection dropped mid-append, tells whether
-# that append committed.
-# $1 stream key
-LAST_EVENT = """
-SELECT seq, message FROM mcp_events_events WHERE stream_key = $1 ORDER BY seq DESC LIMIT 1
+# The newest row of each stream: after a connection dropped mid-append, tells
+# whether that batch committed.
+# $1 stream keys
+NEWEST_EVENTS = """
+SELECT k AS stream_key, e.seq, e.message
+FROM unnest($1::bigint[]) AS k
+CROSS JOIN LATERAL (
+    SELECT seq, message FROM mcp_events_events WHERE stream_key = k ORDER BY seq DESC LIMIT 1
+) AS e
 """
+
+# Which of these streams still exist (retention removes empty ones).
+# $1 stream keys
+EXISTING_STREAMS = "SELECT id FROM mcp_events_streams WHERE id = ANY($1::bigint[])"
+
+# A wake-up for live readers, sent after the commit it announces (see wakeups.py).
+# $1 channel, $2 payload
+NOTIFY = "SELECT pg_notify($1, $2)"
 
 # End the server process of an append whose answer was lost, and wait (up to 10 s)
 # until it is gone, so it cannot commit after we looked. Only a process of our own
@@ -51,10 +69,15 @@ WHERE pid = $1 AND usename = current_user AND datname = current_database()
 """
 
 # Resolve a replay cursor: the stream's name when the cursor event still exists and
-# belongs to this session. A foreign, forged or expired cursor gives no row.
+# belongs to this session, and the newest message at or before the cursor (a
+# subscription whose cursor is at or past the response of its request has nothing
+# to wait for). A foreign, forged or expired cursor gives no row.
 # $1 stream key, $2 seq, $3 tag, $4 session key
 CURSOR_STREAM = """
-SELECT st.name
+SELECT st.name,
+    (SELECT e.message FROM mcp_events_events e
+     WHERE e.stream_key = $1 AND e.seq <= $2 AND e.message IS NOT NULL
+     ORDER BY e.seq DESC LIMIT 1) AS last_message
 FROM mcp_events_streams st
 JOIN mcp_events_sessions se ON se.id = st.session_id
 WHERE st.id = $1 AND st.tag = $3 AND se.key = $4
@@ -69,6 +92,23 @@ SELECT seq, message FROM mcp_events_events
 WHERE stream_key = $1 AND seq > $2 AND message IS NOT NULL
 ORDER BY seq
 LIMIT $3
+"""
+
+# The next page of many live subscriptions at once, each after its own cursor,
+# priming rows included (they move a cursor on). One query per wake-up, however
+# many subscriptions it wakes; each lateral probe reads only partitions above its
+# cursor. The first column is the 1-based position of the cursor in the arrays.
+# $1 stream keys, $2 seqs after which to read, $3 rows per subscription at most
+TAIL_PAGES = """
+SELECT c.i, e.seq, e.message
+FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS c(stream_key, after, i)
+CROSS JOIN LATERAL (
+    SELECT seq, message FROM mcp_events_events
+    WHERE stream_key = c.stream_key AND seq > c.after
+    ORDER BY seq
+    LIMIT $3
+) AS e
+ORDER BY c.i, e.seq
 """
 
 # Create the partitions the sequence needs next (SECURITY DEFINER, see the migration).

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 
 import asyncpg
 from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
@@ -28,9 +28,12 @@ from .errors import (
     UnscopedEventStoreError,
 )
 from .event_ids import format_event_id, new_tag, parse_event_id
-from .messages import dump_message, event_message
+from .group_commit import NOT_MIGRATED, GroupCommitWriter, StreamGoneError, not_migrated
+from .live import LiveTail, Subscription, ends_stream
+from .messages import dump_message, event_message, load_message
 from .retry import Backoff, is_transient
-from .schema import EVENTS, SCHEMA_REVISION
+from .schema import SCHEMA_REVISION
+from .wakeups import Notifier
 
 logger = logging.getLogger("mcp_pg_events")
 
@@ -40,10 +43,7 @@ MAX_SESSION_KEY_LENGTH = 512
 # Streams whose key, tag and lock a session view keeps in memory.
 MAX_CACHED_STREAMS = 256
 
-_NOT_MIGRATED = (
-    "the mcp-pg-events tables are missing or outdated in this database: "
-    "run `mcp-pg-events migrate` (or `alembic upgrade head`) first"
-)
+_NOT_MIGRATED = NOT_MIGRATED
 
 
 class _Stream:
@@ -60,13 +60,6 @@ class _Stream:
         self.users = 0
 
 
-class _UnsureAppend(NamedTuple):
-    """An append sent on the connection of server process ``pid`` after seq ``after``."""
-
-    pid: int
-    after: int
-
-
 def _encode_stream_id(stream_id: str) -> bytes:
     # surrogatepass: a JSON string may hold a lone surrogate, and so may a request id.
     name = stream_id.encode("utf-8", "surrogatepass")
@@ -75,21 +68,6 @@ def _encode_stream_id(stream_id: str) -> bytes:
             f"stream id is {len(name)} bytes long; the store indexes at most {MAX_STREAM_ID_BYTES}"
         )
     return name
-
-
-def _not_migrated(exc: BaseException) -> bool:
-    return isinstance(exc, (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError))
-
-
-def _no_partition(exc: BaseException) -> bool:
-    # "no partition of relation ... found for row": a check violation (23514) on the
-    # events table with no constraint named. Matched on fields, not on the message,
-    # which the server translates to its lc_messages.
-    return (
-        isinstance(exc, asyncpg.CheckViolationError)
-        and getattr(exc, "table_name", None) == EVENTS
-        and getattr(exc, "constraint_name", None) is None
-    )
 
 
 class PostgresEventStore(EventStore):
@@ -105,8 +83,22 @@ class PostgresEventStore(EventStore):
             failover, dropped connection) is retried with backoff before
             ``store_event`` gives up with ``StoreUnavailableError``. The SDK ends
             a session whose store raises, so this is the outage a session survives.
-        replay_batch_size: rows fetched per query while replaying; bounds the
-            memory a replay holds, whatever the length of the stream.
+        replay_batch_size: rows fetched per query while replaying or tailing;
+            bounds the memory a reader holds, whatever the length of the stream.
+        listen_dsn: DSN of the one LISTEN connection (outside the pool) that
+            wakes this process's live subscriptions. None: subscriptions poll
+            every ``poll_interval`` only (for a pool behind PgBouncer in
+            transaction mode, where LISTEN does not work).
+        poll_interval: seconds between two catch-ups of every live subscription:
+            the safety net for lost notifications, or the delivery delay
+            without a listener.
+        notify: send a wake-up notification after each commit, so that live
+            readers in any process see new events at once. Off only if nothing
+            subscribes; readers then see new events at their next poll.
+        max_batch: appends written in one INSERT (one commit) at most.
+        max_inflight: batches written at once, each on its own pool connection.
+        max_pending: appends queued or in flight at most; more callers wait
+            (back-pressure when the database is slower than the writers).
     """
 
     def __init__(
@@ -115,15 +107,41 @@ class PostgresEventStore(EventStore):
         *,
         retry_deadline: float = 30.0,
         replay_batch_size: int = 500,
+        listen_dsn: str | None = None,
+        poll_interval: float = 5.0,
+        notify: bool = True,
+        max_batch: int = 512,
+        max_inflight: int = 2,
+        max_pending: int = 10_000,
     ) -> None:
         if retry_deadline < 0:
             raise ConfigurationError(f"retry_deadline must be >= 0, got {retry_deadline}")
-        if replay_batch_size < 1:
-            raise ConfigurationError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
+        for name, value in (
+            ("replay_batch_size", replay_batch_size),
+            ("max_batch", max_batch),
+            ("max_inflight", max_inflight),
+            ("max_pending", max_pending),
+        ):
+            if value < 1:
+                raise ConfigurationError(f"{name} must be >= 1, got {value}")
+        if poll_interval <= 0:
+            raise ConfigurationError(f"poll_interval must be > 0, got {poll_interval}")
         self._pool = pool
         self._owns_pool = False
         self.retry_deadline = retry_deadline
         self.replay_batch_size = replay_batch_size
+        self._notifier = Notifier(pool) if notify else None
+        self._writer = GroupCommitWriter(
+            pool,
+            self._notifier,
+            retry_deadline=retry_deadline,
+            max_batch=max_batch,
+            max_inflight=max_inflight,
+            max_pending=max_pending,
+        )
+        self._listen_dsn = listen_dsn
+        self._poll_interval = poll_interval
+        self._tail: LiveTail | None = None
 
     @classmethod
     async def connect(
@@ -133,8 +151,9 @@ class PostgresEventStore(EventStore):
         min_pool_size: int = 1,
         max_pool_size: int = 10,
         check_schema: bool = True,
-        retry_deadline: float = 30.0,
-        replay_batch_size: int = 500,
+        listen: bool = True,
+        listen_dsn: str | None = None,
+        **options: Any,
     ) -> PostgresEventStore:
         """Open a pool that the store owns and closes.
 
@@ -145,8 +164,11 @@ class PostgresEventStore(EventStore):
             max_pool_size: connections at most.
             check_schema: fail now, with a clear message, when the database has
                 not been migrated, rather than at the first event.
-            retry_deadline: see the class.
-            replay_batch_size: see the class.
+            listen: keep a LISTEN connection for live subscriptions; False to
+                poll only.
+            listen_dsn: DSN of that connection when it must differ from ``dsn``
+                (``dsn`` goes through PgBouncer in transaction mode, say).
+            options: the class's other arguments (``retry_deadline``, ...).
         """
         dsn = resolve_dsn(dsn)
         try:
@@ -157,9 +179,9 @@ class PostgresEventStore(EventStore):
             raise StoreUnavailableError(f"cannot reach the database at {redact(dsn)}: {exc}") from exc
         except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
             raise ConfigurationError(f"cannot connect to {redact(dsn)}: {exc}") from exc
-        store = cls(pool, retry_deadline=retry_deadline, replay_batch_size=replay_batch_size)
-        store._owns_pool = True
         try:
+            store = cls(pool, listen_dsn=(listen_dsn or dsn) if listen else None, **options)
+            store._owns_pool = True
             if check_schema:
                 await store.check_schema()
         except BaseException:
@@ -177,7 +199,12 @@ class PostgresEventStore(EventStore):
             raise SchemaNotReadyError(f"{_NOT_MIGRATED} (found revision {version}, need {SCHEMA_REVISION})")
 
     async def close(self) -> None:
-        """Close the pool if the store opened it."""
+        """End live subscriptions, finish the writes in flight, and close the pool if the store opened it."""
+        if self._tail is not None:
+            await self._tail.close()
+        await self._writer.close()
+        if self._notifier is not None:
+            await self._notifier.close()
         if self._owns_pool:
             await self._pool.close()
 
@@ -204,118 +231,99 @@ class PostgresEventStore(EventStore):
     ) -> StreamId | None:
         raise UnscopedEventStoreError(_UNSCOPED)
 
+    @property
+    def live_tail(self) -> LiveTail:
+        """This store's listener and subscription registry, started by the first subscription."""
+        if self._tail is None:
+            self._tail = LiveTail(
+                self._pool,
+                listen_dsn=self._listen_dsn,
+                poll_interval=self._poll_interval,
+                page_size=self.replay_batch_size,
+                retry_deadline=self.retry_deadline,
+            )
+        return self._tail
+
     async def _append(self, session_key: str, stream_id: str, stream: _Stream, data: bytes | None) -> EventId:
         """Append one event and return its id once committed. Caller holds ``stream.lock``."""
-        backoff: Backoff | None = None
-        # An append whose answer was lost: it may have committed, or may still.
-        unsure: _UnsureAppend | None = None
-        needs_partition = False
-        repairs = 0
-        while True:
+        for _ in range(3):
+            if stream.key is None:
+                name = _encode_stream_id(stream_id)
+                row = await self._query(sql.UPSERT_STREAM, session_key, name, new_tag(), one="row")
+                stream.key, stream.tag, stream.last_seq = row["id"], row["tag"], row["last_seq"] or 0
+            assert stream.key is not None
             try:
-                if needs_partition:
-                    await self._pool.fetchval(sql.ENSURE_PARTITIONS)
-                    needs_partition = False
-                if stream.key is None:
-                    await self._resolve_stream(session_key, stream_id, stream)
-                assert stream.key is not None
-                seq = None
-                if unsure is not None:
-                    seq = await self._committed_seq(stream.key, unsure, data)
-                    unsure = None
-                if seq is None:
-                    async with self._pool.acquire() as conn:
-                        unsure = _UnsureAppend(conn.get_server_pid(), stream.last_seq)
-                        seq = await conn.fetchval(sql.APPEND, stream.key, data)
-                    unsure = None
-            except Exception as exc:
-                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
-                    unsure = None  # the server refused the statement: nothing was written
-                if repairs < 3 and (_no_partition(exc) or isinstance(exc, asyncpg.ForeignKeyViolationError)):
-                    # No partition for the new seq yet (maintenance is late), or retention
-                    # removed the stream row while it was empty: repair, then append again.
-                    repairs += 1
-                    needs_partition = _no_partition(exc)
-                    if not needs_partition:
-                        stream.key = None
-                    continue
-                if _not_migrated(exc):
-                    raise SchemaNotReadyError(_NOT_MIGRATED) from exc
-                if not is_transient(exc):
-                    raise
-                logger.warning("store_event: transient database error, retrying: %r", exc)
-                backoff = backoff or Backoff(self.retry_deadline)
-                if not await backoff.wait():
-                    raise StoreUnavailableError(
-                        f"event not stored: database unavailable for {self.retry_deadline:.1f}s "
-                        f"({backoff.attempts} attempts): {exc}"
-                    ) from exc
+                seq = await self._writer.append(stream.key, data, stream.last_seq)
+            except StreamGoneError:
+                # Retention removed the stream row while it was empty: make it again.
+                stream.key = None
                 continue
             stream.last_seq = seq
             return format_event_id(stream.key, seq, stream.tag)
+        raise StoreUnavailableError(f"event not stored: stream {stream_id!r} kept disappearing")
 
-    async def _resolve_stream(self, session_key: str, stream_id: str, stream: _Stream) -> None:
-        name = _encode_stream_id(stream_id)
-        row = await self._pool.fetchrow(sql.UPSERT_STREAM, session_key, name, new_tag())
-        assert row is not None
-        stream.key, stream.tag, stream.last_seq = row["id"], row["tag"], row["last_seq"] or 0
-
-    async def _committed_seq(self, stream_key: int, unsure: _UnsureAppend, data: bytes | None) -> int | None:
-        """The seq of an append whose answer was lost, if it committed; None if it never will.
-
-        Its server process may still be running (waiting for the stream's lock, or
-        for a slow disk) and commit later: end it first, so that what the stream
-        holds afterwards is final. A stream has one writer at a time (the caller
-        holds its lock), so a row past the last acknowledged one, with the same
-        message, can only be that append.
-        """
-        ended = await self._pool.fetchval(sql.END_BACKEND, unsure.pid)
-        if ended is False:
-            raise asyncpg.InterfaceError(f"the server process {unsure.pid} of a lost append did not end yet")
-        row = await self._pool.fetchrow(sql.LAST_EVENT, stream_key)
-        if row is not None and row["seq"] > unsure.after and row["message"] == data:
-            return int(row["seq"])
-        return None
-
-    async def _replay(
-        self, session_key: str, last_event_id: EventId, send_callback: EventCallback
-    ) -> StreamId | None:
+    async def _open_cursor(self, session_key: str, last_event_id: EventId) -> tuple[Any, str] | None:
+        """The parsed cursor and its stream's name, or None when it is not valid in this session."""
         ref = parse_event_id(last_event_id)
         if ref is None:
             logger.debug("replay: %r is not an event id of this store", last_event_id[:80])
             return None
-        name = await self._fetch_with_retries(
-            sql.CURSOR_STREAM, ref.stream_key, ref.seq, ref.tag, session_key, one_value=True
-        )
-        if name is None:
+        row = await self._query(sql.CURSOR_STREAM, ref.stream_key, ref.seq, ref.tag, session_key, one="row")
+        if row is None:
             logger.debug("replay: cursor %s is unknown, expired or not this session's", last_event_id)
             return None
+        return (ref, row), bytes(row["name"]).decode("utf-8", "surrogatepass")
+
+    async def _replay(
+        self, session_key: str, last_event_id: EventId, send_callback: EventCallback
+    ) -> StreamId | None:
+        found = await self._open_cursor(session_key, last_event_id)
+        if found is None:
+            return None
+        (ref, _), name = found
         after = ref.seq
         # Read until a short page: this also picks up what was appended while we
-        # were sending, which narrows the SDK's replay-to-live gap.
+        # were sending.
         while True:
-            rows = await self._fetch_with_retries(
-                sql.REPLAY_PAGE, ref.stream_key, after, self.replay_batch_size
-            )
+            rows = await self._query(sql.REPLAY_PAGE, ref.stream_key, after, self.replay_batch_size)
             for seq, data in rows:
                 await send_callback(event_message(data, format_event_id(ref.stream_key, seq, ref.tag)))
             if len(rows) < self.replay_batch_size:
                 break
             after = rows[-1]["seq"]
-        return bytes(name).decode("utf-8", "surrogatepass")
+        return name
 
-    async def _fetch_with_retries(self, query: str, *args: Any, one_value: bool = False) -> Any:
-        backoff = Backoff(self.retry_deadline)
+    def _subscribe(self, session_key: str, last_event_id: EventId) -> Subscription:
+        async def open_cursor() -> tuple[LiveTail, int, str, str, int, bool] | None:
+            found = await self._open_cursor(session_key, last_event_id)
+            if found is None:
+                return None
+            (ref, row), name = found
+            last = row["last_message"]
+            complete = last is not None and ends_stream(load_message(last), name)
+            return self.live_tail, ref.stream_key, name, ref.tag, ref.seq, complete
+
+        return Subscription(open_cursor)
+
+    async def _query(self, query: str, *args: Any, one: str = "") -> Any:
+        """Run a read (or an idempotent upsert), retrying transient errors up to the deadline."""
+        backoff: Backoff | None = None
         while True:
             try:
-                if one_value:
-                    return await self._pool.fetchval(query, *args)
+                if one == "row":
+                    return await self._pool.fetchrow(query, *args)
                 return await self._pool.fetch(query, *args)
             except Exception as exc:
-                if _not_migrated(exc):
+                if not_migrated(exc):
                     raise SchemaNotReadyError(_NOT_MIGRATED) from exc
-                if not is_transient(exc) or not await backoff.wait():
+                if not is_transient(exc):
                     raise
+                backoff = backoff or Backoff(self.retry_deadline)
+                if not await backoff.wait():
+                    raise StoreUnavailableError(
+                        f"database unavailable for {self.retry_deadline:.1f}s "
+                        f"({backoff.attempts} attempts): {exc}"
+                    ) from exc
 
 
 _UNSCOPED = (
@@ -377,3 +385,14 @@ class SessionEventStore(EventStore):
         session's; the stream id, even when nothing follows the cursor.
         """
         return await self._root._replay(self.key, last_event_id, send_callback)
+
+    def subscribe(self, last_event_id: EventId) -> Subscription:
+        """Follow this session's stream of ``last_event_id`` live, from just after it.
+
+        An async iterator of ``EventMessage``: the events that follow the cursor
+        (as replay sends them), then each new one as it commits, from any process.
+        It stops after the response that ends a request's stream, or when
+        ``aclose()`` d. A cursor that is malformed, unknown, expired or another
+        session's gives an empty iterator. ``await sub.open()`` tells which, up front.
+        """
+        return self._root._subscribe(self.key, last_event_id)

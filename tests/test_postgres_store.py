@@ -216,7 +216,7 @@ async def test_a_commit_whose_answer_was_lost_is_not_stored_twice(
     proxy: FlakyProxy, admin: asyncpg.Connection
 ) -> None:
     async with asyncpg.create_pool(proxy.dsn, min_size=1, max_size=1) as pool:
-        view = PostgresEventStore(pool, retry_deadline=10).session("s")
+        view = PostgresEventStore(pool, retry_deadline=10, notify=False).session("s")
         cursor = await view.store_event("1", None)  # warms the prepared statement
         message = notification("committed, answer lost")
         proxy.cut_next_response()
@@ -233,7 +233,7 @@ async def test_a_lost_commit_answer_followed_by_an_outage_is_stored_once(
     proxy: FlakyProxy, admin: asyncpg.Connection, retry_signal: RetrySignal
 ) -> None:
     async with asyncpg.create_pool(proxy.dsn, min_size=1, max_size=1) as pool:
-        view = PostgresEventStore(pool, retry_deadline=30).session("s")
+        view = PostgresEventStore(pool, retry_deadline=30, notify=False).session("s")
         cursor = await view.store_event("1", None)
         message = notification("committed, then the database went away")
         proxy.cut_next_response(then_go_down=True)
@@ -271,7 +271,7 @@ async def test_an_append_still_running_when_its_connection_drops_is_not_stored_t
     proxy: FlakyProxy, admin: asyncpg.Connection, retry_signal: RetrySignal
 ) -> None:
     async with asyncpg.create_pool(proxy.dsn, min_size=1, max_size=2) as pool:
-        view = PostgresEventStore(pool, retry_deadline=30).session("s")
+        view = PostgresEventStore(pool, retry_deadline=30, notify=False).session("s")
         cursor = await view.store_event("1", None)
         ref = parse_event_id(cursor)
         assert ref is not None

@@ -1,0 +1,270 @@
+"""Group commit: concurrent appends share one multi-row INSERT and one commit.
+
+The SDK awaits every ``store_event`` before it delivers the message, so a commit
+(a WAL flush) per event would bound every session's throughput. Appends that
+arrive while a batch is being written wait and go together in the next one; a
+lone append is written at once, so light load adds no latency. Each caller is
+answered only after its batch committed, with its own seq.
+
+Order: a stream never has two appends in flight (the caller holds the stream's
+in-process lock until it is answered, and a batch takes ``pg_advisory_xact_lock``
+on each of its streams before ``nextval``, against other processes), so within
+a stream seq order is commit order and a reader resuming after seq ``n`` cannot
+miss an event committed later with a smaller seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any, NamedTuple
+
+import asyncpg
+
+from . import sql
+from .errors import SchemaNotReadyError, StoreUnavailableError
+from .retry import Backoff, is_transient
+from .schema import EVENTS
+from .wakeups import Notifier
+
+logger = logging.getLogger("mcp_pg_events")
+
+NOT_MIGRATED = (
+    "the mcp-pg-events tables are missing or outdated in this database: "
+    "run `mcp-pg-events migrate` (or `alembic upgrade head`) first"
+)
+
+
+class StreamGoneError(Exception):
+    """The stream row was removed (retention) while the stream was idle: resolve it again."""
+
+
+class _Append:
+    __slots__ = ("after", "data", "future", "stream_key")
+
+    def __init__(self, stream_key: int, data: bytes | None, after: int, future: asyncio.Future[int]) -> None:
+        self.stream_key = stream_key
+        self.data = data
+        # The stream's newest acknowledged seq: tells a lost answer's row from older ones.
+        self.after = after
+        self.future = future
+
+
+class _Unsure(NamedTuple):
+    """A batch sent on the connection of server process ``pid`` whose answer was lost."""
+
+    pid: int
+
+
+def not_migrated(exc: BaseException) -> bool:
+    return isinstance(exc, (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError))
+
+
+def no_partition(exc: BaseException) -> bool:
+    # "no partition of relation ... found for row": a check violation (23514) on the
+    # events table with no constraint named. Matched on fields, not on the message,
+    # which the server translates to its lc_messages.
+    return (
+        isinstance(exc, asyncpg.CheckViolationError)
+        and getattr(exc, "table_name", None) == EVENTS
+        and getattr(exc, "constraint_name", None) is None
+    )
+
+
+class GroupCommitWriter:
+    """Writes appends in shared transactions on up to ``max_inflight`` connections.
+
+    Args:
+        pool: where connections come from.
+        notifier: told which streams changed after each commit.
+        retry_deadline: seconds a batch retries transient errors before its
+            callers get ``StoreUnavailableError``.
+        max_batch: rows per INSERT at most.
+        max_batch_bytes: message bytes per INSERT at most (a batch holds at
+            least one row, however large).
+        max_inflight: batches written at once, each on its own connection.
+        max_pending: appends waiting or in flight at most; more callers wait
+            for room (back-pressure when the database is slower than writers).
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        notifier: Notifier | None,
+        *,
+        retry_deadline: float,
+        max_batch: int = 512,
+        max_batch_bytes: int = 4 << 20,
+        max_inflight: int = 2,
+        max_pending: int = 10_000,
+    ) -> None:
+        self._pool = pool
+        self._notifier = notifier
+        self._retry_deadline = retry_deadline
+        self._max_batch = max_batch
+        self._max_batch_bytes = max_batch_bytes
+        self._max_inflight = max_inflight
+        self._room = asyncio.Semaphore(max_pending)
+        self._queue: deque[_Append] = deque()
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def append(self, stream_key: int, data: bytes | None, after: int) -> int:
+        """Write one event and return its seq once committed.
+
+        The caller must not append to ``stream_key`` again before this returns.
+        Raises ``StreamGoneError`` when the stream row no longer exists.
+        """
+        async with self._room:
+            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._queue.append(_Append(stream_key, data, after, future))
+            if self._inflight < self._max_inflight:
+                self._inflight += 1
+                task = asyncio.get_running_loop().create_task(self._drain())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return await future
+
+    async def close(self) -> None:
+        """Wait for the batches in flight."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                await self._write(self._take_batch())
+        finally:
+            self._inflight -= 1
+
+    def _take_batch(self) -> list[_Append]:
+        batch: list[_Append] = []
+        # Two appends to one stream (two views of a session) go in separate batches,
+        # so that each row of a batch is told apart by its stream.
+        later: list[_Append] = []
+        keys: set[int] = set()
+        size = 0
+        queue = self._queue
+        while queue and len(batch) < self._max_batch:
+            item = queue[0]
+            if item.future.done():  # its caller was cancelled before it was written
+                queue.popleft()
+                continue
+            length = len(item.data) if item.data is not None else 0
+            if batch and size + length > self._max_batch_bytes:
+                break
+            queue.popleft()
+            if item.stream_key in keys:
+                later.append(item)
+                continue
+            keys.add(item.stream_key)
+            batch.append(item)
+            size += length
+        queue.extendleft(reversed(later))
+        return batch
+
+    async def _write(self, batch: list[_Append]) -> None:
+        backoff: Backoff | None = None
+        unsure: _Unsure | None = None
+        repairs = 0
+        while batch:
+            keys = [item.stream_key for item in batch]
+            try:
+                seqs = None
+                if unsure is not None:
+                    seqs = await self._committed_seqs(batch, unsure)
+                    unsure = None
+                if seqs is None:
+                    async with self._pool.acquire() as conn:
+                        unsure = _Unsure(conn.get_server_pid())
+                        rows = await conn.fetch(sql.APPEND_BATCH, keys, [item.data for item in batch])
+                    unsure = None
+                    seqs = {row[0]: row[1] for row in rows}
+            except Exception as exc:
+                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
+                    unsure = None  # the server refused the statement: nothing was written
+                if repairs < 3 and no_partition(exc):
+                    # Partition maintenance is late: create what the sequence needs, retry.
+                    repairs += 1
+                    await self._ensure_partitions()
+                    continue
+                if repairs < 3 and isinstance(exc, asyncpg.ForeignKeyViolationError):
+                    repairs += 1
+                    batch = await self._drop_gone_streams(batch)
+                    continue
+                if not_migrated(exc):
+                    self._fail(batch, SchemaNotReadyError(NOT_MIGRATED), exc)
+                    return
+                if not is_transient(exc):
+                    if len(batch) > 1:
+                        # One bad row (say, a message over a server limit) must not fail
+                        # the other sessions' appends: write each on its own.
+                        for item in batch:
+                            await self._write([item])
+                        return
+                    self._fail(batch, exc, None)
+                    return
+                logger.warning("store_event: transient database error, retrying: %r", exc)
+                backoff = backoff or Backoff(self._retry_deadline)
+                if not await backoff.wait():
+                    error = StoreUnavailableError(
+                        f"event not stored: database unavailable for {self._retry_deadline:.1f}s "
+                        f"({backoff.attempts} attempts): {exc}"
+                    )
+                    self._fail(batch, error, exc)
+                    return
+                continue
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_result(seqs[item.stream_key])
+            if self._notifier is not None:
+                self._notifier.wake(keys)
+            return
+
+    @staticmethod
+    def _fail(batch: list[_Append], error: BaseException, cause: BaseException | None) -> None:
+        if cause is not None:
+            error.__cause__ = cause
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    async def _ensure_partitions(self) -> None:
+        await self._pool.fetchval(sql.ENSURE_PARTITIONS)
+
+    async def _drop_gone_streams(self, batch: list[_Append]) -> list[_Append]:
+        """Fail the appends whose stream row is gone (their callers resolve it again); keep the rest."""
+        rows = await self._pool.fetch(sql.EXISTING_STREAMS, [item.stream_key for item in batch])
+        present = {row[0] for row in rows}
+        kept = []
+        for item in batch:
+            if item.stream_key in present:
+                kept.append(item)
+            elif not item.future.done():
+                item.future.set_exception(StreamGoneError(item.stream_key))
+        return kept
+
+    async def _committed_seqs(self, batch: list[_Append], unsure: _Unsure) -> dict[int, int] | None:
+        """The seqs of a batch whose answer was lost, if it committed; None if it never will.
+
+        Its server process may still be running (waiting for a stream's lock, or
+        for a slow disk) and commit later: end it first, so that what the streams
+        hold afterwards is final. A batch commits whole, and each of its streams
+        has no other append in flight, so the batch committed exactly when every
+        stream's newest row is past its last acknowledged seq and holds its message.
+        """
+        ended = await self._pool.fetchval(sql.END_BACKEND, unsure.pid)
+        if ended is False:
+            raise asyncpg.InterfaceError(f"the server process {unsure.pid} of a lost append did not end yet")
+        newest = {
+            row["stream_key"]: row
+            for row in await self._pool.fetch(sql.NEWEST_EVENTS, [item.stream_key for item in batch])
+        }
+        seqs = {}
+        for item in batch:
+            row = newest.get(item.stream_key)
+            if row is None or row["seq"] <= item.after or row["message"] != item.data:
+                return None
+            seqs[item.stream_key] = int(row["seq"])
+        return seqs

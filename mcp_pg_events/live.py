@@ -1,0 +1,369 @@
+"""Live tail: subscriptions that yield a stream's events as they commit, in any process.
+
+One ``LiveTail`` per store (so, usually, per process) holds one LISTEN connection
+outside the pool, shared by every subscription. Its notification callback only
+marks subscriptions as due; one fetch task then reads, in a single query, the
+events after the cursor of every due subscription, and hands each its rows.
+Delivery therefore never depends on a notification arriving: a notification only
+says when to look. What is looked at is always "after my cursor", so nothing is
+skipped (a stream never has two appends in flight, see ``group_commit``) and
+nothing comes twice (a cursor only moves forward, and only the fetch task moves it).
+
+Notifications are lost when the listener is down, so every (re)connect is followed
+by a catch-up of every subscription, and a slow poll catches up everything
+periodically as a safety net. Without a listener (``listen=False``, e.g. behind
+PgBouncer in transaction mode) the poll alone delivers everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+from mcp.server.streamable_http import EventMessage
+
+from . import sql, wakeups
+from .event_ids import format_event_id
+from .messages import load_message
+from .retry import Backoff, is_transient
+
+logger = logging.getLogger("mcp_pg_events")
+
+# The stream id the SDK uses for messages that belong to no request; it never completes.
+STANDALONE_STREAM = "_GET_stream"
+
+
+def ends_stream(message: Any, stream_name: str) -> bool:
+    """True for the JSON-RPC response or error to the request whose stream is ``stream_name``."""
+    model = getattr(message, "root", message)  # mcp 1.x wraps messages in a RootModel
+    if not hasattr(model, "result") and not hasattr(model, "error"):
+        return False
+    return stream_name != STANDALONE_STREAM and str(getattr(model, "id", None)) == stream_name
+
+
+def _settle(future: asyncio.Future[None], *_: object) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Subscription:
+    """An async iterator of the ``EventMessage`` s of one stream after a cursor.
+
+    Made by ``SessionEventStore.subscribe``. It yields what follows the cursor,
+    then each new event as it commits, and stops after the response that ends a
+    request's stream, or when closed. A cursor that is malformed, unknown,
+    expired or another session's gives an empty iterator.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_closed",
+        "_complete",
+        "_error",
+        "_open",
+        "_opened",
+        "_starved",
+        "_tail",
+        "_waiter",
+        "after",
+        "stream_key",
+        "stream_name",
+        "tag",
+    )
+
+    def __init__(self, opener: Callable[[], Any]) -> None:
+        self._open = opener
+        self._opened = False
+        self._tail: LiveTail | None = None
+        self.stream_key = 0
+        self.stream_name = ""
+        self.tag = ""
+        # Seq of the newest row handed to this subscription (by replay or the tail).
+        self.after = 0
+        self._buffer: deque[EventMessage] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._complete = False
+        self._closed = False
+        self._starved = False
+        self._error: BaseException | None = None
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def open(self) -> bool:
+        """Resolve the cursor and start following; False (and empty) when the cursor is not valid here."""
+        if not self._opened:
+            self._opened = True
+            found = await self._open()
+            if found is None:
+                self._complete = True
+            else:
+                tail, self.stream_key, self.stream_name, self.tag, self.after, complete = found
+                self._complete = complete
+                if not complete and not self._closed:
+                    self._tail = tail
+                    tail.add(self)
+        return not (self._complete and self._buffer is None and self._tail is None)
+
+    async def __anext__(self) -> EventMessage:
+        if not self._opened:
+            await self.open()
+        while True:
+            buffer = self._buffer
+            if buffer:
+                event = buffer.popleft()
+                if self._starved and self._tail is not None and len(buffer) < self._tail.page_size // 2:
+                    self._starved = False
+                    self._tail.mark(self)
+                return event
+            if self._error is not None:
+                error, self._error = self._error, None
+                await self.aclose()
+                raise error
+            if self._complete or self._closed:
+                await self.aclose()
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def aclose(self) -> None:
+        """Stop following the stream; the iterator ends."""
+        self._closed = True
+        self._buffer = None
+        if self._tail is not None:
+            self._tail.remove(self)
+            self._tail = None
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _deliver(self, events: list[EventMessage], last_seq: int, complete: bool) -> None:
+        """Called by the tail's fetch task only."""
+        if self._closed:
+            return
+        if events:
+            if self._buffer is None:
+                self._buffer = deque()
+            self._buffer.extend(events)
+        self.after = last_seq
+        if complete:
+            self._complete = True
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._wake()
+
+
+class LiveTail:
+    """The listener, the fetch task and the registry of one store's subscriptions.
+
+    Args:
+        pool: connections for the catch-up queries.
+        listen_dsn: where the LISTEN connection goes; None for poll only.
+        poll_interval: seconds between two catch-ups of every subscription, the
+            safety net for lost notifications (and the only delivery without a listener).
+        ping_interval: seconds between liveness probes of an idle listener.
+        page_size: rows per subscription per query; a subscription whose reader
+            lags holds at most about this many events.
+        retry_deadline: seconds a catch-up query retries transient errors
+            before its subscriptions fail.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        *,
+        listen_dsn: str | None,
+        poll_interval: float,
+        ping_interval: float = 5.0,
+        page_size: int = 500,
+        retry_deadline: float = 30.0,
+        fetch_batch: int = 1000,
+    ) -> None:
+        self._pool = pool
+        self._listen_dsn = listen_dsn
+        self._poll_interval = poll_interval
+        self._ping_interval = ping_interval
+        self.page_size = page_size
+        self._retry_deadline = retry_deadline
+        self._fetch_batch = fetch_batch
+        self._by_stream: dict[int, set[Subscription]] = {}
+        self._due: dict[Subscription, None] = {}  # insertion-ordered set
+        self._due_event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listening = asyncio.Event()
+        self.reconnects = 0
+
+    @property
+    def subscriptions(self) -> int:
+        return sum(len(subs) for subs in self._by_stream.values())
+
+    def start(self) -> None:
+        if self._tasks:
+            return
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._fetch_loop(), name="mcp-pg-events fetch"))
+        self._tasks.append(loop.create_task(self._poll_loop(), name="mcp-pg-events poll"))
+        if self._listen_dsn is not None:
+            self._tasks.append(loop.create_task(self._listen_loop(), name="mcp-pg-events listener"))
+
+    async def wait_listening(self) -> None:
+        """Return once the listener is connected (for tests and benchmarks)."""
+        await self._listening.wait()
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for subs in list(self._by_stream.values()):
+            for sub in list(subs):
+                await sub.aclose()
+
+    def add(self, sub: Subscription) -> None:
+        self.start()
+        self._by_stream.setdefault(sub.stream_key, set()).add(sub)
+        self.mark(sub)
+
+    def remove(self, sub: Subscription) -> None:
+        subs = self._by_stream.get(sub.stream_key)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_stream[sub.stream_key]
+        self._due.pop(sub, None)
+
+    def mark(self, sub: Subscription) -> None:
+        self._due[sub] = None
+        self._due_event.set()
+
+    def mark_streams(self, stream_keys: list[int] | None) -> None:
+        if stream_keys is None:
+            self.mark_all()
+            return
+        for key in stream_keys:
+            for sub in self._by_stream.get(key, ()):
+                self._due[sub] = None
+        if self._due:
+            self._due_event.set()
+
+    def mark_all(self) -> None:
+        for subs in self._by_stream.values():
+            for sub in subs:
+                self._due[sub] = None
+        if self._due:
+            self._due_event.set()
+
+    def _on_notification(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        # Runs in asyncpg's protocol callback: only mark, never wait.
+        self.mark_streams(wakeups.decode(str(payload)))
+
+    async def _fetch_loop(self) -> None:
+        while True:
+            await self._due_event.wait()
+            self._due_event.clear()
+            while self._due:
+                batch: list[Subscription] = []
+                while self._due and len(batch) < self._fetch_batch:
+                    sub = next(iter(self._due))
+                    del self._due[sub]
+                    buffered = len(sub._buffer) if sub._buffer else 0
+                    if buffered >= self.page_size:
+                        sub._starved = True  # its reader marks it again once it drains
+                    elif sub._tail is self:
+                        batch.append(sub)
+                if batch:
+                    await self._fetch(batch)
+
+    async def _fetch(self, batch: list[Subscription]) -> None:
+        backoff = Backoff(self._retry_deadline)
+        while True:
+            try:
+                rows = await self._pool.fetch(
+                    sql.TAIL_PAGES,
+                    [sub.stream_key for sub in batch],
+                    [sub.after for sub in batch],
+                    self.page_size,
+                )
+                break
+            except Exception as exc:
+                if is_transient(exc) and await backoff.wait():
+                    continue
+                logger.warning("live tail: catch-up query failed: %r", exc)
+                for sub in batch:
+                    sub._fail(exc)
+                return
+        by_index: dict[int, list[asyncpg.Record]] = {}
+        for row in rows:
+            by_index.setdefault(row[0], []).append(row)
+        decoded: dict[tuple[int, int], Any] = {}  # one decode per row, however many readers
+        for index, sub in enumerate(batch, start=1):
+            sub_rows = by_index.get(index)
+            if not sub_rows:
+                continue
+            events = []
+            complete = False
+            for _, seq, data in sub_rows:
+                if data is None:  # a priming row: a cursor, never delivered
+                    continue
+                message = decoded.get((sub.stream_key, seq))
+                if message is None:
+                    message = decoded[sub.stream_key, seq] = load_message(data)
+                events.append(EventMessage(message, format_event_id(sub.stream_key, seq, sub.tag)))
+                if ends_stream(message, sub.stream_name):
+                    complete = True
+                    break
+            sub._deliver(events, sub_rows[-1][1], complete)
+            if complete:
+                self.remove(sub)
+            elif len(sub_rows) == self.page_size:
+                self.mark(sub)  # more to read
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_interval)
+            self.mark_all()
+
+    async def _listen_loop(self) -> None:
+        assert self._listen_dsn is not None
+        backoff: Backoff | None = None
+        while True:
+            conn: asyncpg.Connection[Any] | None = None
+            try:
+                conn = await asyncpg.connect(self._listen_dsn, timeout=10)
+                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                conn.add_termination_listener(functools.partial(_settle, lost))
+                await conn.add_listener(wakeups.CHANNEL, self._on_notification)
+                # Whatever committed while we were not listening was announced to nobody.
+                self.mark_all()
+                self._listening.set()
+                backoff = None
+                while True:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(lost), self._ping_interval)
+                        raise ConnectionError("the listener connection closed")
+                    except asyncio.TimeoutError:
+                        await conn.fetchval("SELECT 1", timeout=self._ping_interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._listening.clear()
+                self.reconnects += 1
+                logger.warning("live tail: listener lost, reconnecting: %r", exc)
+                backoff = backoff if backoff is not None else Backoff(float("inf"), cap=5.0)
+                await backoff.wait()
+            finally:
+                if conn is not None:
+                    conn.terminate()

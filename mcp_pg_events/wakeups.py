@@ -1,0 +1,78 @@
+"""Wake-up notifications: which streams have new events, sent after their commit.
+
+One channel, versioned so that a future payload format can live beside this one.
+A payload is the decimal keys of the streams that changed, comma-separated, or
+``*`` (look at every stream) when they would not fit in one notification.
+
+NOTIFY is never part of an append's transaction: at commit it takes a cluster-wide
+lock held through the WAL flush, and when the notification queue is full (a
+listener stuck somewhere) the transaction fails. So an append commits and is
+acknowledged first, and the wake-up follows on its own, coalesced: while one is
+in flight, the streams that change meanwhile wait for the next. A lost wake-up
+only delays readers until their catch-up query, never loses an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import asyncpg
+
+from . import sql
+
+logger = logging.getLogger("mcp_pg_events")
+
+CHANNEL = "mcp_events_v1"
+EVERY_STREAM = "*"
+# PostgreSQL refuses payloads of 8000 bytes or more.
+MAX_PAYLOAD = 7900
+
+
+def encode(stream_keys: Iterable[int]) -> str:
+    """The payload naming ``stream_keys``."""
+    payload = ",".join(map(str, stream_keys))
+    return payload if len(payload) <= MAX_PAYLOAD else EVERY_STREAM
+
+
+def decode(payload: str) -> list[int] | None:
+    """The stream keys a payload names; None for every stream (or one we cannot read)."""
+    if payload == EVERY_STREAM:
+        return None
+    try:
+        return [int(key) for key in payload.split(",")]
+    except ValueError:
+        return None
+
+
+class Notifier:
+    """Sends coalesced wake-ups on a pool connection, best effort."""
+
+    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
+        self._pool = pool
+        self._pending: set[int] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self, stream_keys: Iterable[int]) -> None:
+        """Announce new events on ``stream_keys``; returns at once."""
+        self._pending.update(stream_keys)
+        if self._task is None and self._pending:
+            self._task = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while self._pending:
+                keys, self._pending = self._pending, set()
+                try:
+                    await self._pool.execute(sql.NOTIFY, CHANNEL, encode(sorted(keys)))
+                except Exception as exc:  # best effort: readers catch up by query
+                    logger.debug("wake-up not sent, readers will catch up: %r", exc)
+        finally:
+            self._task = None
+
+    async def close(self) -> None:
+        """Wait for the wake-up in flight, if any."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
