@@ -1,0 +1,159 @@
+"""What the benchmarks share: a scratch database, bulk-written streams, a measured replay.
+
+Not a benchmark itself. The scripts run as ``python benchmarks/<name>.py``, which
+puts this folder on ``sys.path``, so they import it as ``_common``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import tracemalloc
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from mcp.server.streamable_http import EventMessage, EventStore
+
+from mcp_pg_events import PostgresEventStore, migrate
+
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+PARTITION_WIDTH = 1_000_000
+# Rows per bulk INSERT: one statement of 100k ~200-byte rows is ~20 MB of parameters.
+BULK_CHUNK = 100_000
+
+T = TypeVar("T")
+
+# Scratch databases created and not yet dropped, with the DSN to drop them from.
+_undropped: dict[str, str] = {}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def with_database(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+def payload(i: int) -> bytes:
+    """A ~200-byte progress notification as the SDK would have stored it."""
+    message = {
+        "jsonrpc": "2.0",
+        "method": "notifications/progress",
+        "params": {"progressToken": "bench", "progress": i, "total": 10**6, "message": "x" * 100},
+    }
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+async def _drop(admin_dsn: str, name: str) -> None:
+    # A fresh connection: the one that created the database may have been
+    # interrupted mid-statement by Ctrl-C.
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+    _undropped.pop(name, None)
+
+
+@asynccontextmanager
+async def scratch_database(dsn: str) -> AsyncIterator[str]:
+    """A new database on the server of ``dsn``, migrated to head; dropped on the way out."""
+    name = f"mcp_events_bench_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    _undropped[name] = dsn
+    try:
+        bench_dsn = with_database(dsn, name)
+        log(f"scratch database {name}: migrating")
+        await asyncio.to_thread(migrate.upgrade, bench_dsn)
+        yield bench_dsn
+    finally:
+        await _drop(dsn, name)
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, then drop any scratch database an interruption left behind.
+
+    On Python 3.11+ Ctrl-C cancels ``main`` and ``scratch_database`` drops its
+    database on the way out; this catches what is left when that could not run
+    (Python 3.10, or a second Ctrl-C).
+    """
+    try:
+        return asyncio.run(main)
+    finally:
+        for name, admin_dsn in list(_undropped.items()):
+            log(f"dropping scratch database {name}")
+            asyncio.run(_drop(admin_dsn, name))
+
+
+def stream_key(event_id: str) -> int:
+    """The stream's key: the first field of the store's event ids, ``{stream_key}-{seq}-{tag}``."""
+    return int(event_id.split("-")[0])
+
+
+async def bulk_append(dsn: str, key: int, events: int, first: int = 0) -> None:
+    """Append ``events`` messages to the stream ``key`` with SQL: far faster than one by one."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.fetchval("SELECT mcp_events_ensure_partitions($1)", events // PARTITION_WIDTH + 2)
+        for start in range(0, events, BULK_CHUNK):
+            n = min(BULK_CHUNK, events - start)
+            await conn.execute(
+                "INSERT INTO mcp_events_events (stream_key, message) SELECT $1, m FROM unnest($2::bytea[]) m",
+                key,
+                [payload(first + start + i) for i in range(n)],
+            )
+            log(f"  wrote {start + n:,} / {events:,}")
+        await conn.execute("VACUUM ANALYZE mcp_events_events")
+    finally:
+        await conn.close()
+
+
+async def fill(
+    store: PostgresEventStore, dsn: str, events: int, session: str = "bench", stream: str = "long"
+) -> str:
+    """One stream of ``events`` messages after a priming event; returns the priming id."""
+    cursor = await store.session(session).store_event(stream, None)
+    await bulk_append(dsn, stream_key(cursor), events)
+    return cursor
+
+
+async def replay_count(view: EventStore, cursor: str) -> tuple[str | None, int]:
+    """Replay after ``cursor`` with a callback that only counts: (stream id, events)."""
+    count = 0
+
+    async def count_event(event: EventMessage) -> None:
+        nonlocal count
+        count += 1
+
+    stream = await view.replay_events_after(cursor, count_event)
+    return stream, count
+
+
+async def measure_replay(view: EventStore, cursor: str, events: int, stream: str) -> dict[str, Any]:
+    """Rate of a replay of ``events`` events after ``cursor``, then its peak Python memory.
+
+    The peak comes from a second pass under tracemalloc, which slows Python down.
+    """
+    start = time.perf_counter()
+    got = await replay_count(view, cursor)
+    elapsed = time.perf_counter() - start
+    if got != (stream, events):
+        raise RuntimeError(f"replay gave (stream, events) {got}, expected {(stream, events)}")
+    tracemalloc.start()
+    try:
+        await replay_count(view, cursor)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return {"events_per_s": round(events / elapsed), "seconds": round(elapsed, 2), "peak_kib": peak // 1024}
