@@ -1,0 +1,49 @@
+-- Privileges for the roles that use mcp-pg-events without owning its tables.
+--
+-- Run it as the role that ran the migrations (the owner of every mcp_events_*
+-- object), with the schema of the tables first on the search_path:
+--
+--   psql "$OWNER_DSN" -v runtime_role=app -v retention_role=app_retention -f grants.sql
+--
+-- runtime_role:   the MCP server (PostgresEventStore).
+-- retention_role: whoever runs `mcp-pg-events retention`, or schedules
+--                 `CALL mcp_events_retention(...)` with pg_cron (a job runs as
+--                 the role that scheduled it). It may be the same role.
+--
+-- Neither role gets DDL rights or ownership. Partitions are created by
+-- mcp_events_ensure_partitions, and detached, dropped and rolled over by the
+-- retention functions: all SECURITY DEFINER, running as the owner.
+-- In a schema other than public, also: GRANT USAGE ON SCHEMA <schema> TO <role>;
+-- Run it again after `mcp-pg-events migrate` adds a revision.
+\set ON_ERROR_STOP on
+
+-- The store: find or create sessions and streams (INSERT ... ON CONFLICT DO
+-- UPDATE needs UPDATE), mark sessions ended (end_session), append and replay.
+GRANT SELECT, INSERT, UPDATE ON mcp_events_sessions, mcp_events_streams TO :"runtime_role";
+GRANT SELECT, INSERT ON mcp_events_events TO :"runtime_role";
+-- nextval() in every append.
+GRANT USAGE ON SEQUENCE mcp_events_seq TO :"runtime_role";
+-- The schema check at connect time.
+GRANT SELECT ON mcp_events_alembic_version TO :"runtime_role";
+-- An append that finds no partition creates it and retries.
+GRANT EXECUTE ON FUNCTION mcp_events_ensure_partitions TO :"runtime_role";
+
+-- Retention: delete expired events, then the streams and sessions left empty
+-- (UPDATE: it locks a stream or session row before removing it, so that an
+-- append cannot add to it at that moment).
+GRANT SELECT, UPDATE, DELETE ON mcp_events_sessions, mcp_events_streams TO :"retention_role";
+GRANT SELECT, DELETE ON mcp_events_events TO :"retention_role";
+-- Where the sequence is: the partitions at or above it are never dropped.
+GRANT SELECT ON mcp_events_seq, mcp_events_alembic_version TO :"retention_role";
+GRANT EXECUTE ON PROCEDURE mcp_events_retention TO :"retention_role";
+GRANT EXECUTE ON FUNCTION
+    mcp_events_ensure_partitions,
+    mcp_events_partitions,
+    mcp_events_next_seq,
+    mcp_events_partition_expired,
+    mcp_events_summarize,
+    mcp_events_detach_oldest,
+    mcp_events_drop_detached,
+    mcp_events_roll_over,
+    mcp_events_retention_plan
+TO :"retention_role";
