@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,43 @@ from .schema import SCHEMA_REVISION
 
 
 def _option(
-    parser: argparse.ArgumentParser, flag: str, env: str, default: object, help: str, type: Any = str
+    parser: argparse.ArgumentParser,
+    flag: str,
+    env: str,
+    default: object,
+    help: str,
+    type: Any = str,
+    shown: str | None = None,
 ) -> None:
-    """A flag whose default comes from ``env``; argparse checks that value like a typed one."""
+    """A flag whose default comes from ``env``; argparse checks that value like a typed one.
+
+    ``shown`` describes a default that is worked out later (None in the namespace).
+    """
     parser.add_argument(
-        flag, type=type, default=os.environ.get(env, default), help=f"{help} [env: {env}; default: {default}]"
+        flag,
+        type=type,
+        default=os.environ.get(env, default),
+        help=f"{help} [env: {env}; default: {default if shown is None else shown}]",
     )
+
+
+def _duration(text: str) -> timedelta:
+    from .retention import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return value
 
 
 def _switch(parser: argparse.ArgumentParser, flag: str, env: str, help: str) -> None:
@@ -82,6 +115,65 @@ def _parser() -> argparse.ArgumentParser:
         demo, "--drop-after", "MCP_PG_EVENTS_DEMO_DROP_AFTER", 4, "notifications before the client drops", int
     )
     _option(demo, "--pace", "MCP_PG_EVENTS_DEMO_PACE", 0.05, "seconds between notifications", float)
+
+    retention = commands.add_parser(
+        "retention",
+        help="delete expired events, keep partitions ahead, clear ended sessions (cron, sidecar)",
+        description=(
+            "Drop whole expired partitions (detach, then drop), delete the remaining expired events in "
+            "small batches, oldest first, create partitions ahead of the sequence, roll partitions over "
+            "by time, and remove the events of ended sessions and the streams and sessions left empty. "
+            "One run at a time per database: a second one says so and exits 0. Safe to kill at any "
+            "point; the next run finishes the job. Durations: 90s, 30m, 1h, 7d, 1h30m."
+        ),
+    )
+    _dsn_option(retention)
+    _option(retention, "--ttl", "MCP_PG_EVENTS_TTL", "1d", "events older than this go", _duration)
+    _switch(retention, "--dry-run", "MCP_PG_EVENTS_DRY_RUN", "print what would go and change nothing")
+    _switch(retention, "--loop", "MCP_PG_EVENTS_LOOP", "keep running, once every --interval (a sidecar)")
+    _option(retention, "--interval", "MCP_PG_EVENTS_INTERVAL", "5m", "time between --loop runs", _duration)
+    _option(
+        retention,
+        "--batch-size",
+        "MCP_PG_EVENTS_BATCH_SIZE",
+        10_000,
+        "events deleted per transaction",
+        _positive_int,
+    )
+    _option(
+        retention,
+        "--partitions-ahead",
+        "MCP_PG_EVENTS_PARTITIONS_AHEAD",
+        2,
+        "partitions kept ready above the sequence",
+        _positive_int,
+    )
+    _option(
+        retention,
+        "--partition-max-age",
+        "MCP_PG_EVENTS_PARTITION_MAX_AGE",
+        None,
+        "start a new partition when the one in use holds an event older than this",
+        _duration,
+        shown="the --ttl",
+    )
+    _option(
+        retention,
+        "--ended-grace",
+        "MCP_PG_EVENTS_ENDED_GRACE",
+        "0s",
+        "events of sessions that ended longer ago than this go too, whatever their age",
+        _duration,
+    )
+    _option(
+        retention,
+        "--lock-timeout",
+        "MCP_PG_EVENTS_LOCK_TIMEOUT",
+        "1s",
+        "how long a detach or drop may wait for its lock (appends wait behind it) before leaving it "
+        "to the next run",
+        _duration,
+    )
     return parser
 
 
@@ -131,6 +223,76 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retention(args: argparse.Namespace) -> int:
+    dsn = resolve_dsn(args.dsn)
+    return asyncio.run(_retention_async(dsn, args))
+
+
+async def _retention_async(dsn: str, args: argparse.Namespace) -> int:
+    from .retention import format_duration, run_retention
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    async def once() -> None:
+        report = await run_retention(
+            dsn,
+            ttl=args.ttl,
+            dry_run=args.dry_run,
+            batch_size=args.batch_size,
+            ended_grace=args.ended_grace,
+            partition_max_age=args.partition_max_age,
+            partitions_ahead=args.partitions_ahead,
+            lock_timeout=args.lock_timeout,
+            progress=progress,
+        )
+        # A locked-out run has said so in its progress line already.
+        if not report.locked_out:
+            print(report.summary(), flush=True)
+
+    if not args.loop:
+        await once()
+        return 0
+    # A sidecar is stopped with SIGTERM: between runs that is a normal end. (A run
+    # killed half-way is safe too; the next one finishes it.)
+    stop = asyncio.Event()
+    with contextlib.suppress(NotImplementedError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    progress(f"running retention every {format_duration(args.interval)}")
+    while not stop.is_set():
+        try:
+            await once()
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            # The database may come back, or be migrated, before the next run.
+            message = _describe(exc)
+            if message is None:
+                raise
+            print(f"mcp-pg-events: error: {message}", file=sys.stderr, flush=True)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.interval.total_seconds())
+    progress("stopped")
+    return 0
+
+
+def _describe(exc: BaseException) -> str | None:
+    """The one line to print for an error a user can act on; None for a bug."""
+    if isinstance(exc, McpPgEventsError):
+        return str(exc)
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return f"cannot reach the database: {exc}"
+    if isinstance(exc, OSError):  # e.g. a data folder it may not write, several hosts all refusing
+        return str(exc)
+    if isinstance(exc, (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+        # Alembic reaches the database through SQLAlchemy, which wraps the driver's error.
+        cause = getattr(exc, "orig", None) or exc
+        cause = cause.__cause__ or cause
+        message = " ".join(str(cause).split())
+        return f"{type(cause).__name__}: {message}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
@@ -143,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _migrate(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "retention":
+            return _retention(args)
     except KeyboardInterrupt:
         print("mcp-pg-events: interrupted", file=sys.stderr)
         return 130
@@ -150,21 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`migrate --sql | head`): nothing is wrong, stop quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except McpPgEventsError as exc:
-        print(f"mcp-pg-events: error: {exc}", file=sys.stderr)
-        return 2
-    except (ConnectionError, TimeoutError) as exc:
-        print(f"mcp-pg-events: error: cannot reach the database: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. a data folder it may not write, several hosts all refusing
-        print(f"mcp-pg-events: error: {exc}", file=sys.stderr)
-        return 2
-    except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # Alembic reaches the database through SQLAlchemy, which wraps the driver's error.
-        cause = getattr(exc, "orig", None) or exc
-        cause = cause.__cause__ or cause
-        message = " ".join(str(cause).split())
-        print(f"mcp-pg-events: error: {type(cause).__name__}: {message}", file=sys.stderr)
+    except Exception as exc:
+        message = _describe(exc)
+        if message is None:
+            raise
+        print(f"mcp-pg-events: error: {message}", file=sys.stderr)
         return 2
     raise AssertionError(f"unhandled command {args.command}")
 
