@@ -153,9 +153,10 @@ def _parser() -> argparse.ArgumentParser:
         "--partition-max-age",
         "MCP_PG_EVENTS_PARTITION_MAX_AGE",
         None,
-        "start a new partition when the one in use holds an event older than this",
+        "start a new partition when the one in use holds an event older than this; also how long "
+        "expired events may wait to go with their partition instead of row by row",
         _duration,
-        shown="the --ttl",
+        shown="a quarter of the --ttl",
     )
     _option(
         retention,

@@ -232,7 +232,9 @@ async def run_retention(
             this go too, whatever their age.
         partition_max_age: when the partition being written holds an event
             older than this, the sequence jumps to the next partition, so that
-            low traffic still yields whole partitions to drop. None: the ttl.
+            low traffic still yields whole partitions to drop. Also how long
+            expired events may wait for their partition to expire whole rather
+            than be deleted row by row. None: a quarter of the ttl.
         partitions_ahead: partitions kept ready above the sequence, so appends
             never wait for one.
         lock_timeout: how long a detach, drop or roll-over waits for its lock

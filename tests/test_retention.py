@@ -187,6 +187,39 @@ async def test_a_partition_stays_while_an_older_one_holds_a_live_event(
     assert await replay(view, ids[20]) == ("a", sent[21:])
 
 
+async def test_expired_events_wait_for_a_partition_that_expires_whole_soon(
+    store: PostgresEventStore, admin: asyncpg.Connection, dsn: str
+) -> None:
+    await tiny_partitions(admin)
+    view = store.session("s")
+    ids = [await view.store_event("1", message(i)) for i in range(12)]
+    # The first partition: five expired events, five that expire in 10 minutes.
+    await age(admin, ids[:5])
+    await age(admin, ids[5:10], by=timedelta(minutes=50))
+
+    lines: list[str] = []
+    report = await run_retention(
+        dsn, ttl=HOUR, partition_max_age=timedelta(minutes=15), progress=lines.append
+    )
+
+    # Deleting them now would write WAL for rows the drop takes for free.
+    assert (report.partitions_dropped, report.rows_deleted) == (0, 0)
+    assert any("expires whole within" in line for line in lines), lines
+    dry = await run_retention(dsn, ttl=HOUR, partition_max_age=timedelta(minutes=15), dry_run=True)
+    assert (dry.partitions_dropped, dry.rows_deleted) == (0, 0)
+
+    await age(admin, ids[5:10], by=timedelta(minutes=20))
+    report = await run_retention(dsn, ttl=HOUR, partition_max_age=timedelta(minutes=15))
+    assert (report.partitions_dropped, report.rows_deleted) == (1, 0)
+
+    # Not so when the partition keeps a live event beyond the max age: row by row.
+    await age(admin, ids[10:11])
+    report = await run_retention(dsn, ttl=HOUR, partition_max_age=timedelta(minutes=15))
+    assert (report.partitions_dropped, report.rows_deleted) == (0, 1)
+    assert await replay(view, ids[10]) is None
+    assert await replay(view, ids[11]) == ("1", [])
+
+
 async def test_an_expired_event_after_a_live_one_stays(
     store: PostgresEventStore, admin: asyncpg.Connection, dsn: str
 ) -> None:

@@ -279,6 +279,9 @@ DECLARE
     -- Lowest seq left after the partition drops, then after the row deletes.
     v_start bigint := -9223372036854775808;
     v_horizon bigint;
+    v_name text;
+    v_lower bigint;
+    v_upper bigint;
     v_rows bigint;
     v_bytes bigint;
 BEGIN
@@ -305,8 +308,16 @@ BEGIN
         RAISE NOTICE 'would drop partition %, %', v_p.name, pg_size_pretty(pg_total_relation_size(v_p.relid));
     END LOOP;
 
-    SELECT coalesce(min(seq), 9223372036854775807) INTO v_horizon
-    FROM mcp_events_events WHERE seq >= v_start AND created_at >= p_cutoff;
+    SELECT p.name, p.lower, p.upper INTO v_name, v_lower, v_upper
+    FROM mcp_events_partitions() p WHERE p.attached AND p.lower >= v_start ORDER BY p.lower LIMIT 1;
+    IF mcp_events_partition_expired(v_lower, v_upper, v_next, p_cutoff + p_max_age) THEN
+        RAISE NOTICE 'would leave the expired events of % to go with it: it expires whole within %',
+            v_name, p_max_age;
+        v_horizon := v_start;
+    ELSE
+        SELECT coalesce(min(seq), 9223372036854775807) INTO v_horizon
+        FROM mcp_events_events WHERE seq >= v_start AND created_at >= p_cutoff;
+    END IF;
     SELECT count(*), coalesce(sum(pg_column_size(e.*)), 0) INTO rows_deleted, v_bytes
     FROM mcp_events_events e WHERE seq >= v_start AND seq < v_horizon;
     bytes := bytes + v_bytes;
@@ -362,7 +373,13 @@ $$
 # 4. delete the expired rows that follow, in windows of batch_size seqs, in
 #    ascending seq, up to the first event that has not expired (a window keyed
 #    by seq touches one or two partitions through the BRIN index; by ctid on the
-#    partitioned parent it would match rows of every partition);
+#    partitioned parent it would match rows of every partition). Not when the
+#    oldest partition left will expire whole within partition_max_age: then its
+#    expired rows wait to go with it, or nearly every event would be deleted row
+#    by row (each partition is the oldest with live events for a while) and
+#    drops would only ever find empty partitions. An event thus goes at most
+#    about partition_max_age after it expired; the default, a quarter of the ttl,
+#    keeps that short while a partition spans a quarter of the ttl at most;
 # 5. delete the events of sessions that ended over ended_grace ago, stream by
 #    stream, each oldest first;
 # 6. remove the streams and sessions left empty.
@@ -397,11 +414,13 @@ AS $$
 DECLARE
     -- The same key as the command's (retention.py): one run per database, however started.
     v_lock_key CONSTANT bigint := hashtext('mcp_events_retention');
-    v_max_age CONSTANT interval := coalesce(partition_max_age, ttl);
+    v_max_age CONSTANT interval := coalesce(partition_max_age, ttl / 4);
     v_cutoff timestamptz;
     v_ended_cutoff timestamptz;
     v_names text[];
     v_name text;
+    v_lower bigint;
+    v_upper bigint;
     v_bytes bigint;
     v_rows bigint;
     v_count bigint;
@@ -532,6 +551,13 @@ BEGIN
     END LOOP;
 
     -- 4.
+    SELECT p.name, p.lower, p.upper INTO v_name, v_lower, v_upper
+    FROM mcp_events_partitions() p WHERE p.attached ORDER BY p.lower LIMIT 1;
+    IF NOT v_blocked
+        AND mcp_events_partition_expired(v_lower, v_upper, mcp_events_next_seq(), v_cutoff + v_max_age) THEN
+        RAISE NOTICE '% expires whole within %: its expired events wait to go with it', v_name, v_max_age;
+        v_blocked := true;
+    END IF;
     IF NOT v_blocked THEN
         SELECT min(e.seq) INTO v_from FROM mcp_events_events e WHERE e.created_at < v_cutoff;
         -- An event that has not expired comes first: nothing after it may go yet.
