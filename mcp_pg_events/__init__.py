@@ -16,6 +16,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .integration import PostgresSessionManager, SessionScopedStore, scope_sessions
+    from .retention import RetentionReport, end_session, run_retention
     from .store import PostgresEventStore, SessionEventStore
 
 # Importing the MCP SDK takes seconds; the CLI and alembic need none of it, so the
@@ -26,6 +27,9 @@ _LAZY = {
     "PostgresSessionManager": "integration",
     "SessionScopedStore": "integration",
     "scope_sessions": "integration",
+    "RetentionReport": "retention",
+    "end_session": "retention",
+    "run_retention": "retention",
 }
 
 
@@ -41,11 +45,14 @@ __all__ = [
     "McpPgEventsError",
     "PostgresEventStore",
     "PostgresSessionManager",
+    "RetentionReport",
     "SchemaNotReadyError",
     "SessionEventStore",
     "SessionScopedStore",
     "StoreUnavailableError",
     "StreamIdTooLongError",
     "UnscopedEventStoreError",
+    "end_session",
+    "run_retention",
     "scope_sessions",
 ]
