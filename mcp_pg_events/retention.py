@@ -29,10 +29,6 @@ from .config import redact, resolve_dsn
 from .errors import ConfigurationError, SchemaNotReadyError, StoreUnavailableError
 from .schema import SCHEMA_REVISION
 
-# One retention run per database; the procedure takes this same advisory lock
-# (session level, so that it outlives the commits between steps).
-LOCK_KEY_SQL = "hashtext('mcp_events_retention')"
-
 DEFAULT_TTL = timedelta(days=1)
 DEFAULT_BATCH_SIZE = 10_000
 DEFAULT_PARTITIONS_AHEAD = 2

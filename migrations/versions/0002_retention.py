@@ -412,7 +412,7 @@ CREATE PROCEDURE mcp_events_retention(
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    -- The same key as the command's (retention.py): one run per database, however started.
+    -- One run per database, however started: the command and run_retention call this too.
     v_lock_key CONSTANT bigint := hashtext('mcp_events_retention');
     v_max_age CONSTANT interval := coalesce(partition_max_age, ttl / 4);
     v_cutoff timestamptz;
@@ -555,8 +555,13 @@ BEGIN
     FROM mcp_events_partitions() p WHERE p.attached ORDER BY p.lower LIMIT 1;
     IF NOT v_blocked
         AND mcp_events_partition_expired(v_lower, v_upper, mcp_events_next_seq(), v_cutoff + v_max_age) THEN
-        RAISE NOTICE '% expires whole within %: its expired events wait to go with it', v_name, v_max_age;
         v_blocked := true;
+        IF EXISTS (
+            SELECT FROM mcp_events_events e
+            WHERE e.seq >= v_lower AND e.seq < v_upper AND e.created_at < v_cutoff
+        ) THEN
+            RAISE NOTICE '% expires whole within %: its expired events wait to go with it', v_name, v_max_age;
+        END IF;
     END IF;
     IF NOT v_blocked THEN
         SELECT min(e.seq) INTO v_from FROM mcp_events_events e WHERE e.created_at < v_cutoff;
