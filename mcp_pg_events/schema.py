@@ -55,6 +55,14 @@ sessions = Table(
     Column("ended_at", DateTime(timezone=True), nullable=True),
 )
 
+# Retention finds the ended sessions at every run; partial, so it holds only the
+# few sessions that ended and are not yet removed, and costs appends nothing.
+Index(
+    "mcp_events_sessions_ended_at_idx",
+    sessions.c.ended_at,
+    postgresql_where=sessions.c.ended_at.isnot(None),
+)
+
 streams = Table(
     "mcp_events_streams",
     metadata,

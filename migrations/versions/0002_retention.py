@@ -25,6 +25,7 @@ each oldest first.
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0002"
@@ -743,6 +744,13 @@ def upgrade() -> None:
         postgresql_using="brin",
         postgresql_with={"pages_per_range": "32"},
     )
+    # Retention looks up the ended sessions at every run; only they are in it.
+    op.create_index(
+        "mcp_events_sessions_ended_at_idx",
+        "mcp_events_sessions",
+        ["ended_at"],
+        postgresql_where=sa.text("ended_at IS NOT NULL"),
+    )
     for name, ddl in _ROUTINES:
         op.execute(ddl)
         op.execute(f"REVOKE ALL ON FUNCTION {name} FROM PUBLIC")
@@ -754,4 +762,5 @@ def downgrade() -> None:
     op.execute("DROP PROCEDURE mcp_events_retention")
     for name, _ in reversed(_ROUTINES):
         op.execute(f"DROP FUNCTION {name}")
+    op.drop_index("mcp_events_sessions_ended_at_idx", table_name="mcp_events_sessions")
     op.drop_index("mcp_events_events_seq_created_at_idx", table_name="mcp_events_events")
