@@ -133,7 +133,7 @@ BEGIN
         BEGIN
             EXECUTE format('LOCK TABLE %s IN SHARE UPDATE EXCLUSIVE MODE NOWAIT', v_table);
             v_ranges := v_ranges + brin_summarize_new_values(v_index);
-        EXCEPTION WHEN lock_not_available THEN
+        EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
             NULL;
         END;
     END LOOP;
@@ -147,11 +147,14 @@ $$
 # older one keeps events would leave a hole after a surviving cursor.
 #
 # The check runs twice: once cheaply without locks, then again after taking the
-# lock DETACH needs anyway (ACCESS EXCLUSIVE on the parent), which waits for any
-# append still in flight into the partition (it took its seq before the sequence
-# moved on) and keeps new ones out until commit, so nothing lands in the partition
-# after the check. Raises lock_not_available after p_lock_timeout: appends queue
-# behind a waiting DETACH, so it gives up rather than stall them.
+# locks DETACH needs anyway, which wait for any append still in flight into the
+# partition (it took its seq before the sequence moved on) and keep new ones out
+# until commit, so nothing lands in the partition after the check. DETACH locks
+# the parent, then mcp_events_streams (the detached table gets foreign-key
+# triggers of its own); a stream upsert locks streams, then reads events: taking
+# both here, streams first, leaves no room for a deadlock with it. Raises
+# lock_not_available after p_lock_timeout: appends queue behind a waiting
+# DETACH, so it gives up rather than stall them.
 DETACH_OLDEST = """
 CREATE FUNCTION mcp_events_detach_oldest(p_cutoff timestamptz, p_lock_timeout interval)
 RETURNS text
@@ -171,7 +174,8 @@ BEGIN
         RETURN NULL;
     END IF;
     PERFORM mcp_events_set_lock_timeout(p_lock_timeout);
-    LOCK TABLE mcp_events_events IN ACCESS EXCLUSIVE MODE;
+    LOCK TABLE mcp_events_streams IN SHARE ROW EXCLUSIVE MODE;
+    LOCK TABLE ONLY mcp_events_events IN ACCESS EXCLUSIVE MODE;
     IF NOT mcp_events_partition_expired(v_lower, v_upper, mcp_events_next_seq(), p_cutoff) THEN
         RETURN NULL;
     END IF;
@@ -386,7 +390,8 @@ $$
 # 6. remove the streams and sessions left empty.
 # Steps 3 and 4 stop at the first partition or event that stays, so what goes is
 # always a prefix of the sequence, and of every stream. A step that cannot get its
-# lock within lock_timeout is left for the next run (complete is then false);
+# lock within lock_timeout (or loses a deadlock) is left for the next run
+# (complete is then false);
 # when step 3 is, step 4 is skipped, since it would delete past the partition.
 #
 # Only one run at a time: a session advisory lock, released at the end (or when
@@ -486,7 +491,7 @@ BEGIN
     FOREACH v_name IN ARRAY v_names LOOP
         BEGIN
             v_bytes := mcp_events_drop_detached(v_name, lock_timeout);
-        EXCEPTION WHEN lock_not_available THEN
+        EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
             v_bytes := NULL;
             complete := false;
             RAISE NOTICE '% stays detached (a lock was not granted within %): the next run drops it',
@@ -505,7 +510,7 @@ BEGIN
     v_count := (SELECT count(*) FROM mcp_events_partitions() p WHERE p.attached);
     BEGIN
         rolled_over_to := mcp_events_roll_over(v_max_age, partitions_ahead, lock_timeout);
-    EXCEPTION WHEN lock_not_available THEN
+    EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
         complete := false;
         RAISE NOTICE 'no roll-over: the sequence stayed in use for %', lock_timeout;
     END;
@@ -525,7 +530,7 @@ BEGIN
     LOOP
         BEGIN
             v_name := mcp_events_detach_oldest(v_cutoff, lock_timeout);
-        EXCEPTION WHEN lock_not_available THEN
+        EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
             v_name := NULL;
             v_blocked := true;
             complete := false;
@@ -537,7 +542,7 @@ BEGIN
         RAISE NOTICE 'detached %', v_name;
         BEGIN
             v_bytes := mcp_events_drop_detached(v_name, lock_timeout);
-        EXCEPTION WHEN lock_not_available THEN
+        EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
             v_bytes := NULL;
             complete := false;
             RAISE NOTICE '% stays detached (a lock was not granted within %): the next run drops it',
