@@ -43,6 +43,7 @@ GRANT EXECUTE ON FUNCTION
     mcp_events_partition_expired,
     mcp_events_summarize,
     mcp_events_detach_oldest,
+    mcp_events_release_detached,
     mcp_events_drop_detached,
     mcp_events_roll_over,
     mcp_events_retention_plan
