@@ -36,6 +36,9 @@ NOT_MIGRATED = (
 )
 
 
+_LINGER = 0.1
+
+
 class StreamGoneError(Exception):
     """The stream row was removed (retention) while the stream was idle: resolve it again."""
 
@@ -109,6 +112,13 @@ class GroupCommitWriter:
         self._queue: deque[_Append] = deque()
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        # Connections kept between batches while appends keep coming: acquiring and
+        # releasing one per batch costs up to a round trip more (asyncpg's reset
+        # query). They go back to the pool after ``_LINGER`` seconds without use,
+        # so a pool closed under an idle store is not kept waiting.
+        self._connections: list[asyncpg.pool.PoolConnectionProxy[Any]] = []
+        self._last_write = 0.0
+        self._release_timer: asyncio.TimerHandle | None = None
 
     async def append(self, stream_key: int, data: bytes | None, after: int) -> int:
         """Write one event and return its seq once committed.
@@ -119,24 +129,62 @@ class GroupCommitWriter:
         async with self._room:
             future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self._queue.append(_Append(stream_key, data, after, future))
-            if self._inflight < self._max_inflight:
+            if self._inflight == 0:
+                # Alone: write in the caller's own task, saving the hops through a
+                # new task; whoever arrives meanwhile is handed to a drain task.
                 self._inflight += 1
-                task = asyncio.get_running_loop().create_task(self._drain())
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                await self._drain(inline=True)
+            elif self._inflight < self._max_inflight:
+                self._spawn_drain()
             return await future
 
     async def close(self) -> None:
-        """Wait for the batches in flight."""
+        """Wait for the batches in flight and give the writer's connections back."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        connections, self._connections = self._connections, []
+        for conn in connections:
+            await self._pool.release(conn)
 
-    async def _drain(self) -> None:
+    def _keep(self, conn: asyncpg.pool.PoolConnectionProxy[Any]) -> None:
+        self._connections.append(conn)
+        loop = asyncio.get_running_loop()
+        self._last_write = loop.time()
+        if self._release_timer is None:
+            self._release_timer = loop.call_later(_LINGER, self._release_idle)
+
+    def _release_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle_for = loop.time() - self._last_write
+        if idle_for < _LINGER:
+            self._release_timer = loop.call_later(_LINGER - idle_for, self._release_idle)
+            return
+        self._release_timer = None
+        connections, self._connections = self._connections, []
+        for conn in connections:
+            task = loop.create_task(self._pool.release(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _spawn_drain(self) -> None:
+        self._inflight += 1
+        task = asyncio.get_running_loop().create_task(self._drain())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self, *, inline: bool = False) -> None:
         try:
             while self._queue:
                 await self._write(self._take_batch())
+                if inline:
+                    break
         finally:
             self._inflight -= 1
+            if self._queue and self._inflight < self._max_inflight:
+                self._spawn_drain()
 
     def _take_batch(self) -> list[_Append]:
         batch: list[_Append] = []
@@ -176,9 +224,14 @@ class GroupCommitWriter:
                     seqs = await self._committed_seqs(batch, unsure)
                     unsure = None
                 if seqs is None:
-                    async with self._pool.acquire() as conn:
+                    conn = self._connections.pop() if self._connections else await self._pool.acquire()
+                    try:
                         unsure = _Unsure(conn.get_server_pid())
                         rows = await conn.fetch(sql.APPEND_BATCH, keys, [item.data for item in batch])
+                    except BaseException:
+                        await self._pool.release(conn)  # the pool replaces it if it broke
+                        raise
+                    self._keep(conn)
                     unsure = None
                     seqs = {row[0]: row[1] for row in rows}
             except Exception as exc:

@@ -11,15 +11,19 @@ to the real MCP session id when the ``mcp-session-id`` header of the response
 that opened the session goes out; operators then find the session's streams
 under the id that clients and logs show. Streams begun before that (the opening
 request's own) stay under the provisional key, and replay looks there too.
+
+A resumed stream is followed live by the store itself when the session's store
+can ``subscribe`` (see ``_follow``), which closes the SDK's replay-to-live gap.
 """
 
 from __future__ import annotations
 
 import contextvars
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
-from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
+from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,6 +41,27 @@ class SessionScopedStore(Protocol):
     """A store shared by all sessions that makes one ``EventStore`` per session key."""
 
     def session(self, key: str) -> EventStore: ...
+
+
+class LiveSubscription(Protocol):
+    """What ``subscribe`` returns: see ``mcp_pg_events.live.Subscription``."""
+
+    def __aiter__(self) -> AsyncIterator[EventMessage]: ...
+
+    async def open(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class LiveEventStore(Protocol):
+    """A session's ``EventStore`` that can also follow a stream live from a cursor."""
+
+    def subscribe(self, last_event_id: EventId) -> LiveSubscription: ...
+
+    async def replay_events_after(
+        self, last_event_id: EventId, send_callback: EventCallback
+    ) -> StreamId | None: ...
 
 
 class _SessionBinding(EventStore):
@@ -64,11 +89,37 @@ class _SessionBinding(EventStore):
     async def replay_events_after(
         self, last_event_id: EventId, send_callback: EventCallback
     ) -> StreamId | None:
-        if self._bound is not None:
-            stream_id = await self._bound.replay_events_after(last_event_id, send_callback)
-            if stream_id is not None or not self._early_streams:
-                return stream_id
-        return await self._provisional.replay_events_after(last_event_id, send_callback)
+        scopes = [self._provisional] if self._bound is None else [self._bound]
+        if self._bound is not None and self._early_streams:
+            scopes.append(self._provisional)
+        for scope in scopes:
+            if isinstance(scope, LiveEventStore):
+                subscription = scope.subscribe(last_event_id)
+                if await subscription.open():
+                    await _follow(subscription, send_callback)
+                    return None
+            else:
+                stream_id = await scope.replay_events_after(last_event_id, send_callback)
+                if stream_id is not None:
+                    return stream_id
+        return None
+
+
+async def _follow(subscription: LiveSubscription, send_callback: EventCallback) -> None:
+    """Send the stream's events from the cursor on, live, until the stream ends or the client leaves.
+
+    The SDK registers a resumed connection as the live tail of its stream only
+    after ``replay_events_after`` returns, and drops what its router stores in
+    between (NOTES: the replay-to-live gap). Following the stream here instead
+    leaves no such window: replay and live delivery are one read after one
+    cursor. Returning None afterwards makes the SDK end the response, as it
+    would after the stream's response. The client leaving cancels this.
+    """
+    try:
+        async for event in subscription:
+            await send_callback(event)
+    finally:
+        await subscription.aclose()
 
 
 class _ScopesSessions:

@@ -34,6 +34,8 @@ from .retry import Backoff, is_transient
 
 logger = logging.getLogger("mcp_pg_events")
 
+# How the listener shows in pg_stat_activity.
+LISTENER_NAME = "mcp-pg-events listener"
 # The stream id the SDK uses for messages that belong to no request; it never completes.
 STANDALONE_STREAM = "_GET_stream"
 
@@ -95,6 +97,12 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     async def open(self) -> bool:
         """Resolve the cursor and start following; False (and empty) when the cursor is not valid here."""
         if not self._opened:
@@ -131,6 +139,9 @@ class Subscription:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
+            except asyncio.CancelledError:
+                await self.aclose()  # a cancelled reader is gone: stop following for it
+                raise
             finally:
                 self._waiter = None
 
@@ -342,7 +353,9 @@ class LiveTail:
         while True:
             conn: asyncpg.Connection[Any] | None = None
             try:
-                conn = await asyncpg.connect(self._listen_dsn, timeout=10)
+                conn = await asyncpg.connect(
+                    self._listen_dsn, timeout=10, server_settings={"application_name": LISTENER_NAME}
+                )
                 lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 conn.add_termination_listener(functools.partial(_settle, lost))
                 await conn.add_listener(wakeups.CHANNEL, self._on_notification)

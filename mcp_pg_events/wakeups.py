@@ -48,12 +48,23 @@ def decode(payload: str) -> list[int] | None:
 
 
 class Notifier:
-    """Sends coalesced wake-ups on a pool connection, best effort."""
+    """Sends coalesced wake-ups on a pool connection, best effort.
 
-    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
+    Args:
+        pool: where the connection comes from.
+        min_interval: seconds between two wake-ups at least. A wake-up is a
+            transaction of its own that competes with the appends for the
+            server; a writer committing back to back sends one per interval
+            (naming every stream that changed), not one per commit. After a
+            quiet spell the first one goes at once.
+    """
+
+    def __init__(self, pool: asyncpg.Pool[Any], *, min_interval: float = 0.002) -> None:
         self._pool = pool
+        self._min_interval = min_interval
         self._pending: set[int] = set()
         self._task: asyncio.Task[None] | None = None
+        self._last_sent = float("-inf")
 
     def wake(self, stream_keys: Iterable[int]) -> None:
         """Announce new events on ``stream_keys``; returns at once."""
@@ -62,9 +73,14 @@ class Notifier:
             self._task = asyncio.get_running_loop().create_task(self._send())
 
     async def _send(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._pending:
+                wait = self._last_sent + self._min_interval - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 keys, self._pending = self._pending, set()
+                self._last_sent = loop.time()
                 try:
                     await self._pool.execute(sql.NOTIFY, CHANNEL, encode(sorted(keys)))
                 except Exception as exc:  # best effort: readers catch up by query

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from typing import Any
@@ -80,9 +81,22 @@ properties = settings(
 class Recorder:
     def __init__(self) -> None:
         self.events: list[EventMessage] = []
+        self._changed = asyncio.Event()
 
     async def __call__(self, event: EventMessage) -> None:
         self.events.append(event)
+        self._changed.set()
+
+    async def until(self, count: int, timeout: float = 15) -> list[EventMessage]:
+        """Wait until ``count`` events have been sent (bounded)."""
+
+        async def wait() -> None:
+            while len(self.events) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+        return self.events
 
 
 class StoreContract:

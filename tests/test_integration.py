@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http import EventStore
@@ -27,8 +29,17 @@ async def test_every_session_gets_its_own_view(store: PostgresEventStore) -> Non
 
     got = Recorder()
     assert await second.replay_events_after(cursor, got) is None
-    assert await first.replay_events_after(cursor, got) == "_GET_stream"
-    assert [e.message for e in got.events] == [message]
+    # The session's own store follows the stream live from the cursor (the
+    # standalone stream never ends), so replay runs until the client leaves.
+    following = asyncio.create_task(first.replay_events_after(cursor, got))
+    assert [e.message for e in await got.until(1)] == [message]
+    later = notification("sent while following")
+    await first.store_event("_GET_stream", later)
+    assert [e.message for e in await got.until(2)] == [message, later]
+    following.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await following
+    assert store.live_tail.subscriptions == 0
 
 
 def test_scope_sessions_is_idempotent_and_keeps_the_store() -> None:
