@@ -262,6 +262,9 @@ class _RecordingView(EventStore):
     ) -> StreamId | None:
         return await self._view.replay_events_after(last_event_id, send_callback)
 
+    def subscribe(self, last_event_id: EventId) -> Any:
+        return self._view.subscribe(last_event_id)  # type: ignore[attr-defined]
+
 
 def is_response(request_id: int) -> Callable[[str, dict[str, Any] | None], bool]:
     """A ``RecordingStore.wait_for`` predicate: the response (or error) to ``request_id``."""

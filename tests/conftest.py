@@ -27,6 +27,8 @@ import pytest
 
 from mcp_pg_events import PostgresEventStore, migrate
 
+from .proxy import FlakyProxy
+
 TEST_DSN_ENV = "MCP_PG_EVENTS_TEST_DSN"
 
 
@@ -139,3 +141,14 @@ async def admin(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def proxy(dsn: str) -> AsyncIterator[FlakyProxy]:
+    """A TCP proxy in front of the test's database that can drop connections on demand."""
+    proxy = FlakyProxy(dsn)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()

@@ -52,6 +52,10 @@ class FlakyProxy:
     def go_up(self) -> None:
         self._down = False
 
+    def refuse_new_connections(self) -> None:
+        """Keep the open connections, refuse new ones (the server at its connection limit, say)."""
+        self._down = True
+
     def cut_next_response(self, *, then_go_down: bool = False) -> None:
         """Let the server's next answer be lost with its connection (an ambiguous commit)."""
         self._cut_next_response = True

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
+from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
 
 from mcp_pg_events import PostgresEventStore
 from mcp_pg_events.demo import READ_TIMEOUT
@@ -200,3 +202,90 @@ async def test_streams_are_filed_under_the_real_mcp_session_id(server: Server, a
             await stream.rest()
     keys = {key for key, stream, _ in server.recorder.stored if stream == "2"}
     assert keys == {client.session_id}
+
+
+class _HookedSubscription:
+    """Runs ``hook`` once the first event after the cursor has gone to the client."""
+
+    def __init__(self, inner: Any, hook: Callable[[], Awaitable[None]] | None) -> None:
+        self._inner, self._hook, self._sent = inner, hook, 0
+
+    async def open(self) -> bool:
+        result: bool = await self._inner.open()
+        return result
+
+    def __aiter__(self) -> _HookedSubscription:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._sent == 1 and self._hook is not None:
+            hook, self._hook = self._hook, None
+            await hook()
+        event = await self._inner.__anext__()
+        self._sent += 1
+        return event
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _WindowStore:
+    """Forwards to a store; the next resumed stream runs ``hook`` between its replay and live parts."""
+
+    def __init__(self, backing: Any) -> None:
+        self._backing = backing
+        self.hook: Callable[[], Awaitable[None]] | None = None
+
+    def session(self, key: str) -> Any:
+        return _WindowView(self, self._backing.session(key))
+
+
+class _WindowView(EventStore):
+    def __init__(self, owner: _WindowStore, view: Any) -> None:
+        self._owner, self._view = owner, view
+
+    async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
+        event_id: EventId = await self._view.store_event(stream_id, message)
+        return event_id
+
+    async def replay_events_after(
+        self, last_event_id: EventId, send_callback: EventCallback
+    ) -> StreamId | None:
+        stream_id: StreamId | None = await self._view.replay_events_after(last_event_id, send_callback)
+        return stream_id
+
+    def subscribe(self, last_event_id: EventId) -> _HookedSubscription:
+        hook, self._owner.hook = self._owner.hook, None
+        return _HookedSubscription(self._view.subscribe(last_event_id), hook)
+
+
+async def test_events_stored_between_replay_and_live_delivery_reach_the_resumed_stream(
+    store: PostgresEventStore,
+) -> None:
+    # The SDK registers a resumed connection as its stream's live tail only after
+    # the store's replay returned, and drops what is stored in between. Here the
+    # rest of the tool's output, response included, is stored exactly then.
+    recorder = RecordingStore(store)
+    window = _WindowStore(recorder)
+    gate = asyncio.Event()
+    async with serve(build_app(window, gate)) as url, httpx.AsyncClient(base_url=url, timeout=15) as http:
+        client = McpClient(http)
+        await client.initialize()
+        request_id, call = client.call_tool("progress", {"count": 6, "pause_after": 3}, progress_token="p")
+        async with call as stream:
+            await stream.next()  # priming
+            live = [await stream.next() for _ in range(3)]
+
+        async def write_the_rest() -> None:
+            gate.set()
+            await recorder.wait_for(is_response(request_id), READ_TIMEOUT)
+
+        window.hook = write_the_rest
+        cursor = live[-2]
+        assert cursor is not None and cursor.id
+        async with client.get(last_event_id=cursor.id) as resumed:
+            replayed = await asyncio.wait_for(resumed.until_response(request_id), READ_TIMEOUT)
+
+    assert window.hook is None  # the hook ran
+    assert progress_values([e for e in live[:-1] if e is not None], "p") == [1, 2]
+    assert progress_values(data_events(replayed), "p") == [3, 4, 5, 6]

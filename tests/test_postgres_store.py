@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import asyncpg
 import pytest
@@ -150,16 +150,6 @@ async def test_bad_options_are_refused(dsn: str, options: dict[str, float]) -> N
 
 
 # -- outages --------------------------------------------------------------------
-
-
-@pytest.fixture
-async def proxy(dsn: str) -> AsyncIterator[FlakyProxy]:
-    proxy = FlakyProxy(dsn)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.stop()
 
 
 class RetrySignal(logging.Handler):

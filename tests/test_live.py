@@ -1,0 +1,213 @@
+"""Live subscriptions: LISTEN/NOTIFY wake-ups, catch-up after a lost listener, poll-only mode."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from mcp.server.streamable_http import EventMessage
+
+from mcp_pg_events import PostgresEventStore
+from mcp_pg_events.live import LISTENER_NAME
+
+from .messages import notification, response
+from .proxy import FlakyProxy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def progress(event: EventMessage) -> Any:
+    model = getattr(event.message, "root", event.message)
+    params = getattr(model, "params", None)
+    return params["progress"] if params else ("response", model.id)
+
+
+async def collect(subscription: Any, timeout: float = 30) -> list[EventMessage]:
+    async def read() -> list[EventMessage]:
+        return [event async for event in subscription]
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+async def store_backends(admin: asyncpg.Connection, application_name: str = "") -> int:
+    count: int = await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND ($1 = '' OR application_name = $1)",
+        application_name,
+    )
+    return count
+
+
+@pytest.fixture
+async def live_store(dsn: str) -> AsyncIterator[PostgresEventStore]:
+    """A store whose subscriptions can only be woken by notifications or a reconnect's catch-up."""
+    async with await PostgresEventStore.connect(dsn, poll_interval=3600, retry_deadline=10) as store:
+        yield store
+
+
+async def test_a_subscriber_gets_what_another_process_writes_in_order(
+    live_store: PostgresEventStore, dsn: str
+) -> None:
+    view = live_store.session("s")
+    cursor = await view.store_event("7", None)
+    subscription = view.subscribe(cursor)
+    assert await subscription.open()
+    await live_store.live_tail.wait_listening()
+
+    count = 300
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.append_process",
+        dsn,
+        "s",
+        "7",
+        str(count),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert writer.stdin is not None and writer.stdout is not None
+    assert await asyncio.wait_for(writer.stdout.readline(), 60) == b"ready\n"
+    writer.stdin.write(b"go\n")
+    await writer.stdin.drain()
+
+    events = await collect(subscription)
+    assert await writer.wait() == 0
+    assert [progress(e) for e in events] == [*range(count), ("response", 7)]
+    assert len({e.event_id for e in events}) == len(events)
+
+
+async def test_a_killed_listener_misses_nothing_and_doubles_nothing(
+    dsn: str, proxy: FlakyProxy, admin: asyncpg.Connection
+) -> None:
+    # The listener goes through the proxy, so that it can be kept from coming back
+    # until everything has been written: only the catch-up after its reconnect can
+    # deliver what was announced while it was gone (the poll is an hour away).
+    async with await PostgresEventStore.connect(
+        dsn, listen_dsn=proxy.dsn, poll_interval=3600, retry_deadline=10
+    ) as store:
+        view, writer_view = store.session("s"), store.session("s")
+        cursor = await view.store_event("3", None)
+        subscription = view.subscribe(cursor)
+        assert await subscription.open()
+        tail = store.live_tail
+        await tail.wait_listening()
+        reading = asyncio.create_task(collect(subscription))
+
+        async def write(numbers: range) -> None:
+            for i in numbers:
+                await writer_view.store_event("3", notification("notifications/progress", {"progress": i}))
+
+        await write(range(100))
+        proxy.refuse_new_connections()
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = $1",
+            LISTENER_NAME,
+        )
+        assert killed == 1
+        await write(range(100, 200))
+        await writer_view.store_event("3", response(3, {}))
+        proxy.go_up()
+
+        events = await reading
+        assert [progress(e) for e in events] == [*range(200), ("response", 3)]
+        assert len({e.event_id for e in events}) == len(events)
+        assert tail.reconnects >= 1
+
+
+async def test_poll_only_mode_delivers_everything(dsn: str) -> None:
+    async with await PostgresEventStore.connect(dsn, listen=False, poll_interval=0.05) as store:
+        view = store.session("s")
+        cursor = await view.store_event("1", None)
+        subscription = view.subscribe(cursor)
+        reading = asyncio.create_task(collect(subscription))
+        for i in range(20):
+            await view.store_event("1", notification("notifications/progress", {"progress": i}))
+        await view.store_event("1", response(1, {}))
+        events = await reading
+        assert [progress(e) for e in events] == [*range(20), ("response", 1)]
+
+
+async def test_a_subscription_ends_with_its_stream_and_leaves_nothing_behind(
+    dsn: str, admin: asyncpg.Connection
+) -> None:
+    store = await PostgresEventStore.connect(dsn, poll_interval=3600)
+    try:
+        view = store.session("s")
+        cursor = await view.store_event("5", None)
+        first = await view.store_event("5", notification("notifications/progress", {"progress": 0}))
+        async with view.subscribe(cursor) as subscription:
+            reading = asyncio.create_task(collect(subscription))
+            await view.store_event("5", response(5, {}))
+            assert [progress(e) for e in await reading] == [0, ("response", 5)]
+        assert store.live_tail.subscriptions == 0
+        # A cursor at or past the response has nothing to wait for.
+        assert await collect(view.subscribe(first)) != []
+        done = view.subscribe(await view.store_event("5", None))
+        assert not await done.open()
+        assert await collect(done) == []
+        assert await store_backends(admin, LISTENER_NAME) == 1
+    finally:
+        await store.close()
+    assert await store_backends(admin) == 0
+    names = {task.get_name() for task in asyncio.all_tasks()}
+    assert not any(name.startswith("mcp-pg-events") for name in names)
+
+
+async def test_a_cancelled_reader_stops_following(live_store: PostgresEventStore) -> None:
+    view = live_store.session("s")
+    cursor = await view.store_event("_GET_stream", None)
+    received = asyncio.Event()
+
+    async def read() -> None:
+        async for _ in view.subscribe(cursor):
+            received.set()
+
+    reading = asyncio.create_task(read())
+    await view.store_event("_GET_stream", notification("notifications/message"))
+    await asyncio.wait_for(received.wait(), 15)
+    assert live_store.live_tail.subscriptions == 1
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert live_store.live_tail.subscriptions == 0
+
+
+@pytest.mark.parametrize("cursor", ["", "garbage", "1-1-000000000000", "9" * 40, "x\x00y"])
+async def test_a_bad_cursor_gives_an_empty_iterator(live_store: PostgresEventStore, cursor: str) -> None:
+    subscription = live_store.session("s").subscribe(cursor)
+    assert not await subscription.open()
+    assert await collect(subscription) == []
+
+
+async def test_another_sessions_cursor_gives_an_empty_iterator(live_store: PostgresEventStore) -> None:
+    mine = live_store.session("mine")
+    cursor = await mine.store_event("1", None)
+    await mine.store_event("1", notification("notifications/message", {"secret": True}))
+    theirs = live_store.session("theirs").subscribe(cursor)
+    assert not await theirs.open()
+    assert await collect(theirs) == []
+
+
+async def test_a_lagging_reader_holds_a_bounded_buffer(dsn: str) -> None:
+    async with await PostgresEventStore.connect(dsn, replay_batch_size=10, poll_interval=3600) as store:
+        view = store.session("s")
+        cursor = await view.store_event("1", None)
+        for i in range(100):
+            await view.store_event("1", notification("notifications/progress", {"progress": i}))
+        await view.store_event("1", response(1, {}))
+        subscription = view.subscribe(cursor)
+        seen = []
+        async for event in subscription:
+            seen.append(progress(event))
+            # The tail reads a page at a time for a reader that does not keep up.
+            assert len(subscription._buffer or ()) <= 10
+            await asyncio.sleep(0)
+        assert seen == [*range(100), ("response", 1)]
