@@ -265,20 +265,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "partition_width": args.partition_width,
         "batch_size": args.batch_size,
     }
-    async with scratch_database(args.dsn) as dsn:
-        results["drops"] = await drops_part(dsn, args.events, args.partition_width, args.batch_size)
-    async with scratch_database(args.dsn) as dsn:
-        results["deletes"], results["vacuum"] = await deletes_part(dsn, args.events, args.batch_size)
-    async with scratch_database(args.dsn) as dsn:
-        results["latency"] = await latency_part(
-            dsn,
-            args.events,
-            args.partition_width,
-            args.batch_size,
-            args.writers,
-            args.interval_ms / 1000,
-            args.idle_seconds,
-        )
+    if "drops" in args.only:
+        async with scratch_database(args.dsn) as dsn:
+            results["drops"] = await drops_part(dsn, args.events, args.partition_width, args.batch_size)
+    if "deletes" in args.only:
+        async with scratch_database(args.dsn) as dsn:
+            results["deletes"], results["vacuum"] = await deletes_part(dsn, args.events, args.batch_size)
+    if "latency" in args.only:
+        async with scratch_database(args.dsn) as dsn:
+            results["latency"] = await latency_part(
+                dsn,
+                args.events,
+                args.partition_width,
+                args.batch_size,
+                args.writers,
+                args.interval_ms / 1000,
+                args.idle_seconds,
+            )
     return results
 
 
@@ -290,9 +293,13 @@ def render(results: dict[str, Any]) -> str:
         f"{'how':<26} {'seconds':>8} {'WAL':>10} {'events/s':>11}",
     ]
     for key in ("drops", "deletes", "vacuum"):
+        if key not in results:
+            continue
         r = results[key]
         rate = f"{results['events'] / r['seconds']:,.0f}" if key != "vacuum" and r["seconds"] else ""
         lines.append(f"{r['what']:<26} {r['seconds']:>8.2f} {format_bytes(r['wal_bytes']):>10} {rate:>11}")
+    if "latency" not in results:
+        return "\n".join(lines)
     latency = results["latency"]
     lines += [
         "",
@@ -320,20 +327,24 @@ def main() -> None:
     parser.add_argument(
         "--partition-width", type=int, default=1_000_000, help="seqs per partition (default 1,000,000)"
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=10_000, help="retention's batch size (default 10,000)"
-    )
+    parser.add_argument("--batch-size", type=int, default=2_000, help="rows per delete batch (default 2,000)")
     parser.add_argument("--writers", type=int, default=8, help="appending streams (default 8)")
     parser.add_argument(
         "--interval-ms", type=float, default=10, help="ms between a stream's appends (default 10)"
     )
     parser.add_argument("--idle-seconds", type=float, default=10, help="idle latency window (default 10)")
+    parser.add_argument(
+        "--only", default="drops,deletes,latency", help="parts to run (default drops,deletes,latency)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--smoke", action="store_true", help="quick CI run: 20,000 events, tiny partitions")
     args = parser.parse_args()
     if args.smoke:
         args.events, args.partition_width, args.batch_size = 20_000, 5_000, 2_000
         args.writers, args.idle_seconds = 2, 0.5
+    args.only = set(args.only.split(","))
+    if not args.only <= {"drops", "deletes", "latency"}:
+        parser.error(f"--only takes drops, deletes, latency; got {','.join(sorted(args.only))}")
     results = run(main_async(args))
     print(render(results))
     if args.json:

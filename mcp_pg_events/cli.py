@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         retention,
         "--batch-size",
         "MCP_PG_EVENTS_BATCH_SIZE",
-        10_000,
+        2_000,
         "events deleted per transaction",
         _positive_int,
     )

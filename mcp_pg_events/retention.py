@@ -30,7 +30,7 @@ from .errors import ConfigurationError, SchemaNotReadyError, StoreUnavailableErr
 from .schema import SCHEMA_REVISION
 
 DEFAULT_TTL = timedelta(days=1)
-DEFAULT_BATCH_SIZE = 10_000
+DEFAULT_BATCH_SIZE = 2_000
 DEFAULT_PARTITIONS_AHEAD = 2
 DEFAULT_LOCK_TIMEOUT = timedelta(seconds=1)
 
@@ -43,7 +43,7 @@ SCHEMA_VERSION = "SELECT version_num FROM mcp_events_alembic_version"
 # statement), so our own connection has none.
 NO_STATEMENT_TIMEOUT = "SET statement_timeout = 0"
 
-# $1 ttl, $2 batch size, $3 ended grace, $4 partition max age (NULL: the ttl),
+# $1 ttl, $2 batch size, $3 ended grace, $4 partition max age (NULL: a quarter of the ttl),
 # $5 partitions ahead, $6 lock timeout, $7 dry run
 RUN = """
 CALL mcp_events_retention(

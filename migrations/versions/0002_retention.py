@@ -428,7 +428,7 @@ $$
 RETENTION = r"""
 CREATE PROCEDURE mcp_events_retention(
     ttl interval,
-    batch_size integer DEFAULT 10000,
+    batch_size integer DEFAULT 2000,
     ended_grace interval DEFAULT interval '0',
     partition_max_age interval DEFAULT NULL,
     partitions_ahead integer DEFAULT 2,
