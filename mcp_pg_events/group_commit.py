@@ -108,7 +108,10 @@ class GroupCommitWriter:
         self._max_batch = max_batch
         self._max_batch_bytes = max_batch_bytes
         self._max_inflight = max_inflight
-        self._room = asyncio.Semaphore(max_pending)
+        # Appends queued or in flight, and the signal that there is room for more.
+        self._max_pending = max_pending
+        self._pending = 0
+        self._room = asyncio.Event()
         self._queue: deque[_Append] = deque()
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -126,7 +129,11 @@ class GroupCommitWriter:
         The caller must not append to ``stream_key`` again before this returns.
         Raises ``StreamGoneError`` when the stream row no longer exists.
         """
-        async with self._room:
+        while self._pending >= self._max_pending:
+            self._room.clear()
+            await self._room.wait()
+        self._pending += 1
+        try:
             future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self._queue.append(_Append(stream_key, data, after, future))
             if self._inflight == 0:
@@ -137,6 +144,9 @@ class GroupCommitWriter:
             elif self._inflight < self._max_inflight:
                 self._spawn_drain()
             return await future
+        finally:
+            self._pending -= 1
+            self._room.set()
 
     async def close(self) -> None:
         """Wait for the batches in flight and give the writer's connections back."""

@@ -11,11 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mcp.server.streamable_http import EventMessage
+from pydantic import TypeAdapter
 
 if TYPE_CHECKING:
     from mcp.server.streamable_http import EventId
 
 try:  # mcp 2.x
+    from mcp_types import JSONRPCMessage as _Message  # type: ignore[import-not-found, unused-ignore]
     from mcp_types import jsonrpc_message_adapter as _adapter  # type: ignore[import-not-found, unused-ignore]
 
     def load_message(data: bytes) -> Any:
@@ -23,11 +25,23 @@ try:  # mcp 2.x
         return _adapter.validate_json(data)
 
 except ImportError:  # mcp 1.x
-    from mcp.types import JSONRPCMessage as _RootMessage
+    from mcp.types import JSONRPCMessage as _Message
 
     def load_message(data: bytes) -> Any:
         """The message stored as ``data``."""
-        return _RootMessage.model_validate_json(data)  # type: ignore[attr-defined, unused-ignore]
+        return _Message.model_validate_json(data)  # type: ignore[attr-defined, unused-ignore]
+
+
+# Validating a page as one JSON array saves pydantic's per-call overhead, about a
+# fifth of the cost of a replay.
+_page_adapter: TypeAdapter[list[Any]] = TypeAdapter(list[_Message])  # type: ignore[valid-type, unused-ignore]
+
+
+def load_messages(datas: list[bytes]) -> list[Any]:
+    """The messages stored as ``datas``, in order."""
+    if len(datas) < 2:
+        return [load_message(data) for data in datas]
+    return _page_adapter.validate_json(b"[" + b",".join(datas) + b"]")
 
 
 def dump_message(message: Any) -> bytes:

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any
 
 import asyncpg
-from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
+from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
 
 from . import sql
 from .config import redact, resolve_dsn
@@ -30,7 +30,7 @@ from .errors import (
 from .event_ids import format_event_id, new_tag, parse_event_id
 from .group_commit import NOT_MIGRATED, GroupCommitWriter, StreamGoneError, not_migrated
 from .live import LiveTail, Subscription, ends_stream
-from .messages import dump_message, event_message, load_message
+from .messages import dump_message, load_message, load_messages
 from .retry import Backoff, is_transient
 from .schema import SCHEMA_REVISION
 from .wakeups import Notifier
@@ -294,16 +294,27 @@ class PostgresEventStore(EventStore):
         if found is None:
             return None
         (ref, _), name = found
-        after = ref.seq
-        # Read until a short page: this also picks up what was appended while we
-        # were sending.
-        while True:
-            rows = await self._query(sql.REPLAY_PAGE, ref.stream_key, after, self.replay_batch_size)
-            for seq, data in rows:
-                await send_callback(event_message(data, format_event_id(ref.stream_key, seq, ref.tag)))
-            if len(rows) < self.replay_batch_size:
-                break
-            after = rows[-1]["seq"]
+        page = self.replay_batch_size
+
+        def fetch(after: int) -> asyncio.Task[Any]:
+            return asyncio.ensure_future(self._query(sql.REPLAY_PAGE, ref.stream_key, after, page))
+
+        # Read until a short page (which also picks up what was appended while we
+        # were sending), fetching the next page while this one is decoded and
+        # sent: the database and the decoding then overlap, for two pages of memory.
+        following: asyncio.Task[Any] | None = fetch(ref.seq)
+        try:
+            while following is not None:
+                rows = await following
+                following = fetch(rows[-1]["seq"]) if len(rows) == page else None
+                messages = load_messages([row[1] for row in rows])
+                for row, message in zip(rows, messages, strict=True):
+                    await send_callback(
+                        EventMessage(message, format_event_id(ref.stream_key, row[0], ref.tag))
+                    )
+        finally:
+            if following is not None:
+                following.cancel()
         return name
 
     def _subscribe(self, session_key: str, last_event_id: EventId) -> Subscription:
