@@ -17,13 +17,16 @@ from .errors import (
 if TYPE_CHECKING:
     from .integration import PostgresSessionManager, SessionScopedStore, scope_sessions
     from .retention import RetentionReport, end_session, run_retention
-    from .store import PostgresEventStore, SessionEventStore
+    from .live import Subscription
+    from .store import PostgresEventStore, SessionEventStore, keep_session_state
 
 # Importing the MCP SDK takes seconds; the CLI and alembic need none of it, so the
 # names that pull it in are imported on first use.
 _LAZY = {
     "PostgresEventStore": "store",
     "SessionEventStore": "store",
+    "keep_session_state": "store",
+    "Subscription": "live",
     "PostgresSessionManager": "integration",
     "SessionScopedStore": "integration",
     "scope_sessions": "integration",
@@ -51,8 +54,10 @@ __all__ = [
     "SessionScopedStore",
     "StoreUnavailableError",
     "StreamIdTooLongError",
+    "Subscription",
     "UnscopedEventStoreError",
     "end_session",
+    "keep_session_state",
     "run_retention",
     "scope_sessions",
 ]

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_readme_quickstart_is_the_mcp2_example() -> None:
-    (block,) = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
-    assert block == (ROOT / "examples" / "server_mcp2.py").read_text()
+    quickstart = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)[0]
+    assert quickstart == (ROOT / "examples" / "server_mcp2.py").read_text()
 
 
 def free_port() -> int:
