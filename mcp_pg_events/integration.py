@@ -19,7 +19,9 @@ can ``subscribe`` (see ``_follow``), which closes the SDK's replay-to-live gap.
 from __future__ import annotations
 
 import contextvars
+import logging
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
@@ -29,6 +31,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PROVISIONAL_PREFIX = "provisional-"
 _SESSION_HEADER = b"mcp-session-id"
+
+logger = logging.getLogger("mcp_pg_events")
+
+# The session stores by MCP session id, while their transport lives (weakly held:
+# a session that times out or is never ended must not stay here).
+_by_session_id: weakref.WeakValueDictionary[str, _SessionBinding] = weakref.WeakValueDictionary()
 
 # The stores made while handling the current request, waiting for the session id.
 _unbound: contextvars.ContextVar[list[_SessionBinding] | None] = contextvars.ContextVar(
@@ -69,7 +77,8 @@ class _SessionBinding(EventStore):
 
     def __init__(self, backing: SessionScopedStore) -> None:
         self._backing = backing
-        self._provisional = backing.session(PROVISIONAL_PREFIX + uuid.uuid4().hex)
+        self._keys = [PROVISIONAL_PREFIX + uuid.uuid4().hex]
+        self._provisional = backing.session(self._keys[0])
         self._bound: EventStore | None = None
         # Streams begun before the session id was known: they stay where they began,
         # so that one stream never spans two scopes (the opening request's priming
@@ -78,6 +87,19 @@ class _SessionBinding(EventStore):
 
     def bind(self, session_id: str) -> None:
         self._bound = self._backing.session(session_id)
+        self._keys.append(session_id)
+        _by_session_id[session_id] = self
+
+    async def end(self) -> None:
+        """Tell the backing store (if it can be told) that the session ended: its events may go."""
+        end_session = getattr(self._backing, "end_session", None)
+        if end_session is None:
+            return
+        for key in self._keys:
+            try:
+                await end_session(key)
+            except Exception as exc:  # retention's TTL takes care of it then
+                logger.warning("could not mark session %s ended: %r", key, exc)
 
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
         if self._bound is None:
@@ -172,20 +194,32 @@ def _binds_session_ids(app: ASGIApp) -> ASGIApp:
     async def binding_app(scope: Scope, receive: Receive, send: Send) -> None:
         unbound: list[_SessionBinding] = []
         token = _unbound.set(unbound)
+        status = 0
 
         async def send_and_bind(message: Message) -> None:
-            if unbound and message["type"] == "http.response.start":
-                for name, value in message.get("headers", ()):
-                    if name.lower() == _SESSION_HEADER:
-                        for binding in unbound:
-                            binding.bind(value.decode("latin-1"))
-                        unbound.clear()
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if unbound:
+                    for name, value in message.get("headers", ()):
+                        if name.lower() == _SESSION_HEADER:
+                            for binding in unbound:
+                                binding.bind(value.decode("latin-1"))
+                            unbound.clear()
             await send(message)
 
         try:
             await app(scope, receive, send_and_bind)
         finally:
             _unbound.reset(token)
+        if scope.get("method") == "DELETE" and 200 <= status < 300:
+            # The client ended its session: its events may go at once (retention's
+            # ended-session grace), rather than when they reach the TTL.
+            for name, value in scope.get("headers", ()):
+                if name.lower() == _SESSION_HEADER:
+                    ended = _by_session_id.pop(value.decode("latin-1"), None)
+                    if ended is not None:
+                        await ended.end()
 
     return binding_app
 

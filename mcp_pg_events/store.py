@@ -31,6 +31,7 @@ from .event_ids import format_event_id, new_tag, parse_event_id
 from .group_commit import NOT_MIGRATED, GroupCommitWriter, StreamGoneError, not_migrated
 from .live import LiveTail, Subscription, ends_stream
 from .messages import dump_message, load_message, load_messages
+from .retention import END_SESSION
 from .retry import Backoff, is_transient
 from .schema import SCHEMA_REVISION
 from .wakeups import Notifier
@@ -243,6 +244,10 @@ class PostgresEventStore(EventStore):
         self, last_event_id: EventId, send_callback: EventCallback
     ) -> StreamId | None:
         raise UnscopedEventStoreError(_UNSCOPED)
+
+    async def end_session(self, key: str) -> None:
+        """Mark the session ``key`` ended: retention deletes its events after its ended-session grace."""
+        await self._query(END_SESSION, key)
 
     @property
     def live_tail(self) -> LiveTail:

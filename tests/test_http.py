@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
@@ -202,6 +203,27 @@ async def test_streams_are_filed_under_the_real_mcp_session_id(server: Server, a
             await stream.rest()
     keys = {key for key, stream, _ in server.recorder.stored if stream == "2"}
     assert keys == {client.session_id}
+
+
+async def test_a_deleted_session_is_marked_ended_for_retention(
+    store: PostgresEventStore, admin: asyncpg.Connection
+) -> None:
+    gate = asyncio.Event()
+    gate.set()
+    async with serve(build_app(store, gate)) as url, httpx.AsyncClient(base_url=url, timeout=15) as http:
+        client = McpClient(http)
+        await client.initialize()
+        _, call = client.call_tool("progress", {"count": 1}, progress_token="k")
+        async with call as stream:
+            await stream.rest()
+        assert client.session_id
+        deleted = await http.delete("/mcp", headers=client._headers())
+        assert deleted.status_code < 300
+    rows = await admin.fetch("SELECT key, ended_at IS NOT NULL AS ended FROM mcp_events_sessions")
+    ended = {row["key"]: row["ended"] for row in rows}
+    # The session's own scope and its provisional one (the initialize stream).
+    assert ended.pop(client.session_id) is True
+    assert len(ended) == 1 and all(ended.values())
 
 
 class _HookedSubscription:
