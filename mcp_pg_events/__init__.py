@@ -16,8 +16,8 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .integration import PostgresSessionManager, SessionScopedStore, scope_sessions
-    from .retention import RetentionReport, end_session, run_retention
     from .live import Subscription
+    from .retention import RetentionReport, end_session, run_retention
     from .store import PostgresEventStore, SessionEventStore, keep_session_state
 
 # Importing the MCP SDK takes seconds; the CLI and alembic need none of it, so the
