@@ -13,6 +13,7 @@ from mcp_pg_events import (
     ConfigurationError,
     PostgresEventStore,
     SchemaNotReadyError,
+    SessionEventStore,
     StoreUnavailableError,
 )
 from mcp_pg_events.event_ids import parse_event_id
@@ -309,3 +310,29 @@ async def test_a_session_with_many_streams_keeps_a_bounded_cache(store: Postgres
     got = Recorder()
     assert await view.replay_events_after(first, got) == "0"
     assert [(e.event_id, e.message) for e in got.events] == [(again, message)]
+
+
+async def test_concurrent_appends_share_commits_and_keep_each_streams_order(
+    store: PostgresEventStore, admin: asyncpg.Connection
+) -> None:
+    views = [store.session(f"s{i}") for i in range(40)]
+    cursors = [await view.store_event("1", None) for view in views]
+
+    async def write(view: SessionEventStore, n: int) -> list[str]:
+        return [
+            await view.store_event("1", notification("notifications/progress", {"progress": i}))
+            for i in range(n)
+        ]
+
+    ids = await asyncio.gather(*(write(view, 25) for view in views))
+    assert len({event_id for stream in ids for event_id in stream}) == 40 * 25
+    for view, cursor, stream_ids in zip(views, cursors, ids, strict=True):
+        got = Recorder()
+        assert await view.replay_events_after(cursor, got) == "1"
+        assert [e.event_id for e in got.events] == stream_ids
+        assert [e.message for e in got.events] == [
+            notification("notifications/progress", {"progress": i}) for i in range(25)
+        ]
+    # Rows committed together share a transaction id: far fewer commits than rows.
+    commits = await admin.fetchval("SELECT count(DISTINCT xmin::text) FROM mcp_events_events")
+    assert commits < 40 * 25 / 4
