@@ -198,7 +198,11 @@ async def write_cell(
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await asyncio.gather(*list(tasks))
-    return {"records": records, "seconds": loop.time() - begin}
+    seconds = loop.time() - begin
+    # Let the last wake-up go out before serializing the records, which holds this
+    # loop for milliseconds; so does parsing them in the reader's process.
+    await asyncio.sleep(0.1)
+    return {"records": records, "seconds": seconds}
 
 
 async def writer_main() -> None:
@@ -741,7 +745,10 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         f"mcp-pg-events {config['store_commit']}, mcp {config['mcp']}, Python {config['python']}, "
         f"{config['cpus']} CPUs; subscriber store: poll every {config['poll_interval']:g} s, "
-        f"pool of {config['pool_size']}"
+        f"pool of {config['pool_size']}",
+        "load average (1, 5, 15 min) at the start {}, at the end {}".format(
+            *(" / ".join(map(str, config[k])) for k in ("load_average_start", "load_average_end"))
+        ),
     ]
     if "latency" in results:
         lines += ["", *render_latency(results["latency"], config["warmup_events"])]
@@ -768,6 +775,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "events": args.events,
             "warmup_events": args.warmup_events,
             "smoke": args.smoke,
+            # The machine is shared: what else ran shows here.
+            "load_average_start": [round(x, 2) for x in os.getloadavg()],
         }
     }
     async with (
@@ -786,6 +795,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             )
         if "latency" in args.only:
             results["latency"] = await latency_part(store, dsn, args)
+    results["config"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = targets(results)
     return results
 
