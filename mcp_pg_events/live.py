@@ -29,7 +29,7 @@ from mcp.server.streamable_http import EventMessage
 
 from . import sql, wakeups
 from .event_ids import format_event_id
-from .messages import load_message
+from .messages import answered_request, load_message
 from .retry import Backoff, is_transient
 
 logger = logging.getLogger("mcp_pg_events")
@@ -42,10 +42,7 @@ STANDALONE_STREAM = "_GET_stream"
 
 def ends_stream(message: Any, stream_name: str) -> bool:
     """True for the JSON-RPC response or error to the request whose stream is ``stream_name``."""
-    model = getattr(message, "root", message)  # mcp 1.x wraps messages in a RootModel
-    if not hasattr(model, "result") and not hasattr(model, "error"):
-        return False
-    return stream_name != STANDALONE_STREAM and str(getattr(model, "id", None)) == stream_name
+    return stream_name != STANDALONE_STREAM and answered_request(message) == stream_name
 
 
 def _settle(future: asyncio.Future[None], *_: object) -> None:
@@ -319,7 +316,8 @@ class LiveTail:
         by_index: dict[int, list[asyncpg.Record]] = {}
         for row in rows:
             by_index.setdefault(row[0], []).append(row)
-        decoded: dict[tuple[int, int], Any] = {}  # one decode per row, however many readers
+        # One decode per row, however many readers.
+        decoded: dict[tuple[int, int], tuple[Any, str | None]] = {}
         for index, sub in enumerate(batch, start=1):
             sub_rows = by_index.get(index)
             if not sub_rows:
@@ -329,11 +327,13 @@ class LiveTail:
             for _, seq, data in sub_rows:
                 if data is None:  # a priming row: a cursor, never delivered
                     continue
-                message = decoded.get((sub.stream_key, seq))
-                if message is None:
-                    message = decoded[sub.stream_key, seq] = load_message(data)
+                known = decoded.get((sub.stream_key, seq))
+                if known is None:
+                    message = load_message(data)
+                    known = decoded[sub.stream_key, seq] = (message, answered_request(message))
+                message, answers = known
                 events.append(EventMessage(message, format_event_id(sub.stream_key, seq, sub.tag)))
-                if ends_stream(message, sub.stream_name):
+                if answers is not None and answers == sub.stream_name != STANDALONE_STREAM:
                     complete = True
                     break
             sub._deliver(events, sub_rows[-1][1], complete)

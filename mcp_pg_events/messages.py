@@ -8,7 +8,7 @@ explicit ``None`` values and extra fields included.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from mcp.server.streamable_http import EventMessage
 from pydantic import TypeAdapter
@@ -17,15 +17,23 @@ if TYPE_CHECKING:
     from mcp.server.streamable_http import EventId
 
 try:  # mcp 2.x
+    from mcp_types import JSONRPCError as _Error  # type: ignore[import-not-found, unused-ignore]
     from mcp_types import JSONRPCMessage as _Message  # type: ignore[import-not-found, unused-ignore]
+    from mcp_types import JSONRPCResponse as _Response  # type: ignore[import-not-found, unused-ignore]
     from mcp_types import jsonrpc_message_adapter as _adapter  # type: ignore[import-not-found, unused-ignore]
+
+    _ROOT_MODEL: type | None = None
 
     def load_message(data: bytes) -> Any:
         """The message stored as ``data``."""
         return _adapter.validate_json(data)
 
 except ImportError:  # mcp 1.x
+    from mcp.types import JSONRPCError as _Error
     from mcp.types import JSONRPCMessage as _Message
+    from mcp.types import JSONRPCResponse as _Response
+
+    _ROOT_MODEL = _Message  # type: ignore[assignment, unused-ignore]
 
     def load_message(data: bytes) -> Any:
         """The message stored as ``data``."""
@@ -42,6 +50,20 @@ def load_messages(datas: list[bytes]) -> list[Any]:
     if len(datas) < 2:
         return [load_message(data) for data in datas]
     return _page_adapter.validate_json(b"[" + b",".join(datas) + b"]")
+
+
+def answered_request(message: Any) -> str | None:
+    """The id (as text, as the SDK names a request's stream) of the request a response or error answers.
+
+    None for any other message. Checked on every event a live subscription
+    delivers, so by type: ``hasattr`` on a pydantic model costs an exception.
+    """
+    model: Any = message
+    if _ROOT_MODEL is not None and isinstance(message, _ROOT_MODEL):
+        model = cast(Any, message).root  # mcp 1.x wraps every message
+    if isinstance(model, (_Response, _Error)):
+        return str(model.id)
+    return None
 
 
 def dump_message(message: Any) -> bytes:

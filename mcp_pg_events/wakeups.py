@@ -59,7 +59,7 @@ class Notifier:
             quiet spell the first one goes at once.
     """
 
-    def __init__(self, pool: asyncpg.Pool[Any], *, min_interval: float = 0.002) -> None:
+    def __init__(self, pool: asyncpg.Pool[Any], *, min_interval: float = 0.0005) -> None:
         self._pool = pool
         self._min_interval = min_interval
         self._pending: set[int] = set()
