@@ -6,13 +6,14 @@ puts this folder on ``sys.path``, so they import it as ``_common``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
 import time
 import tracemalloc
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -157,3 +158,32 @@ async def measure_replay(view: EventStore, cursor: str, events: int, stream: str
     finally:
         tracemalloc.stop()
     return {"events_per_s": round(events / elapsed), "seconds": round(elapsed, 2), "peak_kib": peak // 1024}
+
+
+def int_list(text: str) -> list[int]:
+    """An argparse type: ``1,16,64`` as a list of ints."""
+    return [int(x) for x in text.split(",") if x]
+
+
+def parts_of(choices: Iterable[str]) -> Callable[[str], set[str]]:
+    """An argparse type: a comma-separated subset of ``choices``."""
+    known = tuple(choices)
+
+    def parse(text: str) -> set[str]:
+        parts = {p.strip() for p in text.split(",") if p.strip()}
+        unknown = parts - set(known)
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown part(s) {', '.join(sorted(unknown))}; choose from {known}"
+            )
+        return parts
+
+    return parse
+
+
+def report(results: dict[str, Any], render: Callable[[dict[str, Any]], str], json_path: str | None) -> None:
+    """Print the table, and write the results as JSON when asked."""
+    print(render(results))
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump(results, out, indent=2)

@@ -57,7 +57,19 @@ from typing import Any
 
 import asyncpg
 import httpx
-from _common import DEFAULT_DSN, bulk_append, fill, log, measure_replay, run, scratch_database, stream_key
+from _common import (
+    DEFAULT_DSN,
+    bulk_append,
+    fill,
+    int_list,
+    log,
+    measure_replay,
+    parts_of,
+    report,
+    run,
+    scratch_database,
+    stream_key,
+)
 from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
 
 import mcp_pg_events
@@ -696,18 +708,6 @@ async def bench(args: argparse.Namespace, parts: set[str]) -> dict[str, Any]:
     return results
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _parts(text: str) -> set[str]:
-    parts = {p.strip() for p in text.split(",") if p.strip()}
-    unknown = parts - set(PARTS)
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {PARTS}")
-    return parts
-
-
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--e2e-client":
         # The end-to-end client, started by e2e_part in a process of its own.
@@ -719,7 +719,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per append cell (3)")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each cell (0.5)")
     parser.add_argument(
-        "--streams", type=_int_list, default=[1, 16, 64, 256], help="concurrent streams (1,16,64,256)"
+        "--streams", type=int_list, default=[1, 16, 64, 256], help="concurrent streams (1,16,64,256)"
     )
     parser.add_argument(
         "--pool-size",
@@ -738,7 +738,10 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5, help="end-to-end rounds per store (5)")
     parser.add_argument(
-        "--only", type=_parts, default=None, help=f"comma-separated parts to run, of {','.join(PARTS)}"
+        "--only",
+        type=parts_of(PARTS),
+        default=None,
+        help=f"comma-separated parts to run, of {','.join(PARTS)}",
     )
     parser.add_argument(
         "--profile", action="store_true", help=f"also profile the {PROFILE_STREAMS}-stream cell"
@@ -761,10 +764,7 @@ def main() -> None:
     except KeyboardInterrupt:
         log("interrupted; the scratch database was dropped")
         sys.exit(130)
-    print(render(results))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2)
+    report(results, render, args.json)
 
 
 if __name__ == "__main__":

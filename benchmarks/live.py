@@ -52,7 +52,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_DSN, log, run, scratch_database
+from _common import DEFAULT_DSN, int_list, log, parts_of, report, run, scratch_database
 from append import drive, latency_summary, our_writes, progress_notification, store_commit, table
 from mcp.server.streamable_http import EventMessage
 
@@ -800,18 +800,6 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _parts(text: str) -> set[str]:
-    parts = {p.strip() for p in text.split(",") if p.strip()}
-    unknown = parts - set(PARTS)
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {PARTS}")
-    return parts
-
-
 def main() -> None:
     if sys.argv[1:] == ["--writer"]:
         # The writer, started by latency_cell in a process of its own.
@@ -821,7 +809,7 @@ def main() -> None:
     parser.add_argument("--dsn", default=os.environ.get("MCP_PG_EVENTS_DSN", DEFAULT_DSN))
     parser.add_argument(
         "--subscribers",
-        type=_int_list,
+        type=int_list,
         default=[1, 100, 1000],
         help="subscribers per latency cell (1,100,1000)",
     )
@@ -862,7 +850,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        type=_parts,
+        type=parts_of(PARTS),
         default=set(PARTS),
         help=f"comma-separated parts to run, of {','.join(PARTS)} (append needs memory's subscriptions)",
     )
@@ -880,10 +868,7 @@ def main() -> None:
     except KeyboardInterrupt:
         log("interrupted; the scratch database was dropped")
         sys.exit(130)
-    print(render(results))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2)
+    report(results, render, args.json)
 
 
 if __name__ == "__main__":

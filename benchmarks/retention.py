@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import time
@@ -39,7 +38,7 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
-from _common import DEFAULT_DSN, log, payload, run, scratch_database
+from _common import DEFAULT_DSN, log, payload, report, run, scratch_database
 
 from mcp_pg_events import PostgresEventStore
 from mcp_pg_events.retention import RetentionReport, format_bytes, run_retention
@@ -346,10 +345,7 @@ def main() -> None:
     if not args.only <= {"drops", "deletes", "latency"}:
         parser.error(f"--only takes drops, deletes, latency; got {','.join(sorted(args.only))}")
     results = run(main_async(args))
-    print(render(results))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2)
+    report(results, render, args.json)
 
 
 if __name__ == "__main__":
