@@ -25,6 +25,10 @@ def is_transient(exc: BaseException) -> bool:
     """True when the same operation may succeed if tried again a little later."""
     if isinstance(exc, asyncpg.PostgresError):
         return isinstance(exc, _TRANSIENT_SERVER_ERRORS)
+    if isinstance(exc, asyncpg.InterfaceError) and str(exc).startswith("pool is clos"):
+        # The application closed the pool (shutting down): nothing comes back.
+        # asyncpg has no class of its own for it; its message is not translated.
+        return False
     return isinstance(exc, _TRANSIENT_CLIENT_ERRORS)
 
 

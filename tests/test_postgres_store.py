@@ -336,3 +336,13 @@ async def test_concurrent_appends_share_commits_and_keep_each_streams_order(
     # Rows committed together share a transaction id: far fewer commits than rows.
     commits = await admin.fetchval("SELECT count(DISTINCT xmin::text) FROM mcp_events_events")
     assert commits < 40 * 25 / 4
+
+
+async def test_an_append_on_a_closed_pool_fails_at_once(dsn: str) -> None:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    view = PostgresEventStore(pool, retry_deadline=60, notify=False).session("s")
+    await view.store_event("1", None)
+    await pool.close()
+    # Not retried for the deadline: a closed pool does not come back.
+    with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
+        await asyncio.wait_for(view.store_event("1", notification("after close")), 10)
