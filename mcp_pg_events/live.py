@@ -293,7 +293,13 @@ class LiveTail:
                     elif sub._tail is self:
                         batch.append(sub)
                 if batch:
-                    await self._fetch(batch)
+                    try:
+                        await self._fetch(batch)
+                    except Exception as exc:  # fail these subscriptions, never the tail itself
+                        logger.exception("live tail: delivery failed")
+                        for sub in batch:
+                            sub._fail(exc)
+                            self.remove(sub)
 
     async def _fetch(self, batch: list[Subscription]) -> None:
         backoff = Backoff(self._retry_deadline)
@@ -329,13 +335,22 @@ class LiveTail:
                     continue
                 known = decoded.get((sub.stream_key, seq))
                 if known is None:
-                    message = load_message(data)
+                    try:
+                        message = load_message(data)
+                    except ValueError as exc:  # a row that will not decode: this stream only
+                        logger.error("live tail: event %s of stream %s does not decode", seq, sub.stream_key)
+                        sub._fail(exc)
+                        self.remove(sub)
+                        sub._tail = None
+                        break
                     known = decoded[sub.stream_key, seq] = (message, answered_request(message))
                 message, answers = known
                 events.append(EventMessage(message, format_event_id(sub.stream_key, seq, sub.tag)))
                 if answers is not None and answers == sub.stream_name != STANDALONE_STREAM:
                     complete = True
                     break
+            if sub._tail is not self:
+                continue  # failed above
             sub._deliver(events, sub_rows[-1][1], complete)
             if complete:
                 self.remove(sub)

@@ -211,3 +211,26 @@ async def test_a_lagging_reader_holds_a_bounded_buffer(dsn: str) -> None:
             assert len(subscription._buffer or ()) <= 10
             await asyncio.sleep(0)
         assert seen == [*range(100), ("response", 1)]
+
+
+async def test_a_row_that_will_not_decode_fails_its_subscription_not_the_others(
+    live_store: PostgresEventStore, admin: asyncpg.Connection
+) -> None:
+    broken, healthy = live_store.session("broken"), live_store.session("healthy")
+    broken_cursor = await broken.store_event("1", None)
+    healthy_cursor = await healthy.store_event("1", None)
+    event_id = await broken.store_event("1", notification("notifications/message"))
+    stream_key = int(event_id.split("-")[0])
+    await admin.execute(
+        "UPDATE mcp_events_events SET message = 'not json' WHERE stream_key = $1 AND message IS NOT NULL",
+        stream_key,
+    )
+    # Both due at once, so that they are fetched in the same query.
+    broken_sub, healthy_sub = broken.subscribe(broken_cursor), healthy.subscribe(healthy_cursor)
+    await healthy.store_event("1", response(1, {}))
+    reading = asyncio.gather(collect(broken_sub), collect(healthy_sub), return_exceptions=True)
+    failed, delivered = await reading
+    assert isinstance(failed, ValueError)
+    assert not isinstance(delivered, BaseException)
+    assert [progress(e) for e in delivered] == [("response", 1)]
+    assert live_store.live_tail.subscriptions == 0
