@@ -188,7 +188,12 @@ class GroupCommitWriter:
     async def _drain(self, *, inline: bool = False) -> None:
         try:
             while self._queue:
-                await self._write(self._take_batch())
+                batch = self._take_batch()
+                try:
+                    await self._write(batch)
+                except Exception as exc:  # a bug of ours must not leave callers waiting forever
+                    logger.exception("store_event: writing a batch failed")
+                    self._fail(batch, exc, None)
                 if inline:
                     break
         finally:
