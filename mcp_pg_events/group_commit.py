@@ -25,16 +25,10 @@ import asyncpg
 from . import sql
 from .errors import SchemaNotReadyError, StoreUnavailableError
 from .retry import Backoff, is_transient
-from .schema import EVENTS
+from .schema import EVENTS, NOT_MIGRATED, not_migrated
 from .wakeups import Notifier
 
 logger = logging.getLogger("mcp_pg_events")
-
-NOT_MIGRATED = (
-    "the mcp-pg-events tables are missing or outdated in this database: "
-    "run `mcp-pg-events migrate` (or `alembic upgrade head`) first"
-)
-
 
 _LINGER = 0.1
 
@@ -58,10 +52,6 @@ class _Unsure(NamedTuple):
     """A batch sent on the connection of server process ``pid`` whose answer was lost."""
 
     pid: int
-
-
-def not_migrated(exc: BaseException) -> bool:
-    return isinstance(exc, (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError))
 
 
 def no_partition(exc: BaseException) -> bool:

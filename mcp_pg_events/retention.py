@@ -26,17 +26,14 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from .config import redact, resolve_dsn
-from .errors import ConfigurationError, SchemaNotReadyError, StoreUnavailableError
-from .schema import SCHEMA_REVISION
+from .errors import ConfigurationError, StoreUnavailableError
+from .schema import check_schema
 
 DEFAULT_TTL = timedelta(days=1)
 DEFAULT_BATCH_SIZE = 2_000
 DEFAULT_PARTITIONS_AHEAD = 2
 DEFAULT_LOCK_TIMEOUT = timedelta(seconds=1)
 
-# The schema version alembic recorded: retention on an older schema would find
-# no procedure, on a newer one might do the wrong thing.
-SCHEMA_VERSION = "SELECT version_num FROM mcp_events_alembic_version"
 
 # The whole run is one CALL: its steps commit one by one inside. A statement
 # timeout meant for the application would cut a long run short (the CALL is one
@@ -57,11 +54,6 @@ CALL mcp_events_retention(
 # again does not push it back.
 # $1 session key
 END_SESSION = "UPDATE mcp_events_sessions SET ended_at = now() WHERE key = $1 AND ended_at IS NULL"
-
-_NOT_MIGRATED = (
-    "the mcp-pg-events tables are missing or outdated in this database: "
-    "run `mcp-pg-events migrate` (or `alembic upgrade head`) first"
-)
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
@@ -192,15 +184,6 @@ async def _connection(target: asyncpg.Pool[Any] | str | None) -> AsyncIterator[_
         await conn.close()
 
 
-async def _check_schema(conn: _Conn) -> None:
-    try:
-        version = await conn.fetchval(SCHEMA_VERSION)
-    except asyncpg.UndefinedTableError as exc:
-        raise SchemaNotReadyError(_NOT_MIGRATED) from exc
-    if version != SCHEMA_REVISION:
-        raise SchemaNotReadyError(f"{_NOT_MIGRATED} (found revision {version}, need {SCHEMA_REVISION})")
-
-
 async def run_retention(
     target: asyncpg.Pool[Any] | str | None = None,
     *,
@@ -255,7 +238,9 @@ async def run_retention(
 
     started = time.monotonic()
     async with _connection(target) as conn:
-        await _check_schema(conn)
+        # Retention on an older schema would find no procedure, on a newer one
+        # might do the wrong thing.
+        await check_schema(conn)
         await conn.execute(NO_STATEMENT_TIMEOUT)
         args = (ttl, batch_size, ended_grace, partition_max_age, partitions_ahead, lock_timeout, dry_run)
         conn.add_log_listener(forward)

@@ -28,12 +28,12 @@ from .errors import (
     UnscopedEventStoreError,
 )
 from .event_ids import format_event_id, new_tag, parse_event_id
-from .group_commit import NOT_MIGRATED, GroupCommitWriter, StreamGoneError, not_migrated
+from .group_commit import GroupCommitWriter, StreamGoneError
 from .live import LiveTail, Subscription, ends_stream
 from .messages import dump_message, load_message, load_messages
 from .retention import END_SESSION
 from .retry import Backoff, is_transient
-from .schema import SCHEMA_REVISION
+from .schema import NOT_MIGRATED, check_schema, not_migrated
 from .wakeups import Notifier
 
 logger = logging.getLogger("mcp_pg_events")
@@ -43,8 +43,6 @@ MAX_STREAM_ID_BYTES = 2048
 MAX_SESSION_KEY_LENGTH = 512
 # Streams whose key, tag and lock a session view keeps in memory.
 MAX_CACHED_STREAMS = 256
-
-_NOT_MIGRATED = NOT_MIGRATED
 
 
 class _Stream:
@@ -210,12 +208,7 @@ class PostgresEventStore(EventStore):
 
     async def check_schema(self) -> None:
         """Raise ``SchemaNotReadyError`` unless the database is migrated to this code's revision."""
-        try:
-            version = await self._pool.fetchval(sql.SCHEMA_VERSION)
-        except asyncpg.UndefinedTableError as exc:
-            raise SchemaNotReadyError(_NOT_MIGRATED) from exc
-        if version != SCHEMA_REVISION:
-            raise SchemaNotReadyError(f"{_NOT_MIGRATED} (found revision {version}, need {SCHEMA_REVISION})")
+        await check_schema(self._pool)
 
     async def close(self) -> None:
         """End live subscriptions, finish the writes in flight, and close the pool if the store opened it."""
@@ -349,7 +342,7 @@ class PostgresEventStore(EventStore):
                 return await self._pool.fetch(query, *args)
             except Exception as exc:
                 if not_migrated(exc):
-                    raise SchemaNotReadyError(_NOT_MIGRATED) from exc
+                    raise SchemaNotReadyError(NOT_MIGRATED) from exc
                 if not is_transient(exc):
                     raise
                 backoff = backoff or Backoff(self.retry_deadline)
