@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, NamedTuple
+from typing import Any
 
 import asyncpg
 
@@ -46,12 +46,6 @@ class _Append:
         # The stream's newest acknowledged seq: tells a lost answer's row from older ones.
         self.after = after
         self.future = future
-
-
-class _Unsure(NamedTuple):
-    """A batch sent on the connection of server process ``pid`` whose answer was lost."""
-
-    pid: int
 
 
 def no_partition(exc: BaseException) -> bool:
@@ -219,7 +213,8 @@ class GroupCommitWriter:
 
     async def _write(self, batch: list[_Append]) -> None:
         backoff: Backoff | None = None
-        unsure: _Unsure | None = None
+        # The server process of a batch whose answer was lost: it may have committed, or may still.
+        unsure: int | None = None
         repairs = 0
         while batch:
             keys = [item.stream_key for item in batch]
@@ -231,7 +226,7 @@ class GroupCommitWriter:
                 if seqs is None:
                     conn = self._connections.pop() if self._connections else await self._pool.acquire()
                     try:
-                        unsure = _Unsure(conn.get_server_pid())
+                        unsure = conn.get_server_pid()
                         rows = await conn.fetch(sql.APPEND_BATCH, keys, [item.data for item in batch])
                     except BaseException:
                         await self._pool.release(conn)  # the pool replaces it if it broke
@@ -303,7 +298,7 @@ class GroupCommitWriter:
                 item.future.set_exception(StreamGoneError(item.stream_key))
         return kept
 
-    async def _committed_seqs(self, batch: list[_Append], unsure: _Unsure) -> dict[int, int] | None:
+    async def _committed_seqs(self, batch: list[_Append], pid: int) -> dict[int, int] | None:
         """The seqs of a batch whose answer was lost, if it committed; None if it never will.
 
         Its server process may still be running (waiting for a stream's lock, or
@@ -312,9 +307,9 @@ class GroupCommitWriter:
         has no other append in flight, so the batch committed exactly when every
         stream's newest row is past its last acknowledged seq and holds its message.
         """
-        ended = await self._pool.fetchval(sql.END_BACKEND, unsure.pid)
+        ended = await self._pool.fetchval(sql.END_BACKEND, pid)
         if ended is False:
-            raise asyncpg.InterfaceError(f"the server process {unsure.pid} of a lost append did not end yet")
+            raise asyncpg.InterfaceError(f"the server process {pid} of a lost append did not end yet")
         newest = {
             row["stream_key"]: row
             for row in await self._pool.fetch(sql.NEWEST_EVENTS, [item.stream_key for item in batch])

@@ -40,9 +40,9 @@ LISTENER_NAME = "mcp-pg-events listener"
 STANDALONE_STREAM = "_GET_stream"
 
 
-def ends_stream(message: Any, stream_name: str) -> bool:
-    """True for the JSON-RPC response or error to the request whose stream is ``stream_name``."""
-    return stream_name != STANDALONE_STREAM and answered_request(message) == stream_name
+def ends_stream(answered: str | None, stream_name: str) -> bool:
+    """True when a message answering request ``answered`` (see ``answered_request``) ends ``stream_name``."""
+    return answered is not None and answered == stream_name and stream_name != STANDALONE_STREAM
 
 
 def _settle(future: asyncio.Future[None], *_: object) -> None:
@@ -108,7 +108,8 @@ class Subscription:
             if found is None:
                 self._complete = True
             else:
-                tail, self.stream_key, self.stream_name, self.tag, self.after, complete = found
+                tail, ref, self.stream_name, complete = found
+                self.stream_key, self.after, self.tag = ref.stream_key, ref.seq, ref.tag
                 self._complete = complete
                 if not complete and not self._closed:
                     self._tail = tail
@@ -346,7 +347,7 @@ class LiveTail:
                     known = decoded[sub.stream_key, seq] = (message, answered_request(message))
                 message, answers = known
                 events.append(EventMessage(message, format_event_id(sub.stream_key, seq, sub.tag)))
-                if answers is not None and answers == sub.stream_name != STANDALONE_STREAM:
+                if ends_stream(answers, sub.stream_name):
                     complete = True
                     break
             if sub._tail is not self:

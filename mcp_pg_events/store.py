@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
@@ -27,10 +27,10 @@ from .errors import (
     StreamIdTooLongError,
     UnscopedEventStoreError,
 )
-from .event_ids import format_event_id, new_tag, parse_event_id
+from .event_ids import EventRef, format_event_id, new_tag, parse_event_id
 from .group_commit import GroupCommitWriter, StreamGoneError
 from .live import LiveTail, Subscription, ends_stream
-from .messages import dump_message, load_message, load_messages
+from .messages import answered_request, dump_message, load_message, load_messages
 from .retention import END_SESSION
 from .retry import Backoff, is_transient
 from .schema import NOT_MIGRATED, check_schema, not_migrated
@@ -57,6 +57,15 @@ class _Stream:
         self.lock = asyncio.Lock()
         # Appends holding or waiting for the lock: a stream in use is never evicted.
         self.users = 0
+
+
+class _Cursor(NamedTuple):
+    """A replay or subscription cursor that exists in its session."""
+
+    ref: EventRef
+    stream_name: str
+    # The newest message at or before the cursor: a response there means the stream is over.
+    last_message: bytes | None
 
 
 def _encode_stream_id(stream_id: str) -> bytes:
@@ -278,8 +287,8 @@ class PostgresEventStore(EventStore):
             return format_event_id(stream.key, seq, stream.tag)
         raise StoreUnavailableError(f"event not stored: stream {stream_id!r} kept disappearing")
 
-    async def _open_cursor(self, session_key: str, last_event_id: EventId) -> tuple[Any, str] | None:
-        """The parsed cursor and its stream's name, or None when it is not valid in this session."""
+    async def _open_cursor(self, session_key: str, last_event_id: EventId) -> _Cursor | None:
+        """The cursor, resolved, or None when it is not valid in this session."""
         ref = parse_event_id(last_event_id)
         if ref is None:
             logger.debug("replay: %r is not an event id of this store", last_event_id[:80])
@@ -288,15 +297,15 @@ class PostgresEventStore(EventStore):
         if row is None:
             logger.debug("replay: cursor %s is unknown, expired or not this session's", last_event_id)
             return None
-        return (ref, row), bytes(row["name"]).decode("utf-8", "surrogatepass")
+        return _Cursor(ref, bytes(row["name"]).decode("utf-8", "surrogatepass"), row["last_message"])
 
     async def _replay(
         self, session_key: str, last_event_id: EventId, send_callback: EventCallback
     ) -> StreamId | None:
-        found = await self._open_cursor(session_key, last_event_id)
-        if found is None:
+        cursor = await self._open_cursor(session_key, last_event_id)
+        if cursor is None:
             return None
-        (ref, _), name = found
+        ref = cursor.ref
         page = self.replay_batch_size
 
         def fetch(after: int) -> asyncio.Task[Any]:
@@ -318,17 +327,18 @@ class PostgresEventStore(EventStore):
         finally:
             if following is not None:
                 following.cancel()
-        return name
+        return cursor.stream_name
 
     def _subscribe(self, session_key: str, last_event_id: EventId) -> Subscription:
-        async def open_cursor() -> tuple[LiveTail, int, str, str, int, bool] | None:
-            found = await self._open_cursor(session_key, last_event_id)
-            if found is None:
+        async def open_cursor() -> tuple[LiveTail, EventRef, str, bool] | None:
+            cursor = await self._open_cursor(session_key, last_event_id)
+            if cursor is None:
                 return None
-            (ref, row), name = found
-            last = row["last_message"]
-            complete = last is not None and ends_stream(load_message(last), name)
-            return self.live_tail, ref.stream_key, name, ref.tag, ref.seq, complete
+            last = cursor.last_message
+            complete = last is not None and ends_stream(
+                answered_request(load_message(last)), cursor.stream_name
+            )
+            return self.live_tail, cursor.ref, cursor.stream_name, complete
 
         return Subscription(open_cursor)
 
