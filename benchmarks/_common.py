@@ -87,10 +87,14 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
     On Python 3.11+ Ctrl-C cancels ``main`` and ``scratch_database`` drops its
     database on the way out; this catches what is left when that could not run
-    (Python 3.10, or a second Ctrl-C).
+    (Python 3.10, or a second Ctrl-C). Ctrl-C then exits with status 130 and one
+    line, not a traceback.
     """
     try:
         return asyncio.run(main)
+    except KeyboardInterrupt:
+        log("interrupted; the scratch database was dropped")
+        sys.exit(130)
     finally:
         for name, admin_dsn in list(_undropped.items()):
             log(f"dropping scratch database {name}")

@@ -759,12 +759,7 @@ def main() -> None:
     parts = args.only if args.only is not None else {"append", "replay", "e2e"}
     if args.profile:
         parts.add("profile")
-    try:
-        results = run(bench(args, parts))
-    except KeyboardInterrupt:
-        log("interrupted; the scratch database was dropped")
-        sys.exit(130)
-    report(results, render, args.json)
+    report(run(bench(args, parts)), render, args.json)
 
 
 if __name__ == "__main__":

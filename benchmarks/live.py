@@ -863,12 +863,7 @@ def main() -> None:
         args.subscribers, args.fanout, args.events, args.warmup_events = [1, 10], 10, 100, 20
         args.fanout_rate, args.fanout_events = args.rate, 100
         args.idle, args.seconds, args.append_warmup = 500, 0.3, 0.1
-    try:
-        results = run(bench(args))
-    except KeyboardInterrupt:
-        log("interrupted; the scratch database was dropped")
-        sys.exit(130)
-    report(results, render, args.json)
+    report(run(bench(args)), render, args.json)
 
 
 if __name__ == "__main__":

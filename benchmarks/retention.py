@@ -344,8 +344,7 @@ def main() -> None:
     args.only = set(args.only.split(","))
     if not args.only <= {"drops", "deletes", "latency"}:
         parser.error(f"--only takes drops, deletes, latency; got {','.join(sorted(args.only))}")
-    results = run(main_async(args))
-    report(results, render, args.json)
+    report(run(main_async(args)), render, args.json)
 
 
 if __name__ == "__main__":
