@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
+import os
+import platform
+import subprocess
 import sys
 import time
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from mcp.server.streamable_http import EventMessage, EventStore
 
+import mcp_pg_events
 from mcp_pg_events import PostgresEventStore, migrate
+from mcp_pg_events.demo import MCP_MAJOR
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PARTITION_WIDTH = 1_000_000
@@ -191,3 +198,36 @@ def report(results: dict[str, Any], render: Callable[[dict[str, Any]], str], jso
     if json_path:
         with open(json_path, "w") as out:
             json.dump(results, out, indent=2)
+
+
+def store_commit() -> str:
+    """The git commit of the mcp_pg_events being measured, '+dirty' with local changes."""
+    root = Path(mcp_pg_events.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty=+dirty", "--abbrev=7"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return f"(not a git checkout: {root})"
+    return out.stdout.strip()
+
+
+def environment() -> dict[str, Any]:
+    """What a result depends on besides the sizes: the commit measured, the SDK, Python, the cores."""
+    return {
+        "store_commit": store_commit(),
+        "mcp": f"{importlib.metadata.version('mcp')} ({MCP_MAJOR}.x)",
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def describe_environment(config: dict[str, Any]) -> str:
+    """The first line of a report: ``environment()`` in words."""
+    return (
+        f"mcp-pg-events {config['store_commit']}, mcp {config['mcp']}, "
+        f"Python {config['python']}, {config['cpus']} CPUs"
+    )

@@ -34,16 +34,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import importlib.metadata
 import inspect
 import json
 import logging
 import math
 import os
-import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -60,6 +57,8 @@ import httpx
 from _common import (
     DEFAULT_DSN,
     bulk_append,
+    describe_environment,
+    environment,
     fill,
     int_list,
     log,
@@ -74,7 +73,7 @@ from mcp.server.streamable_http import EventCallback, EventId, EventMessage, Eve
 
 import mcp_pg_events
 from mcp_pg_events import PostgresEventStore
-from mcp_pg_events.demo import MCP_MAJOR, Context, McpClient, new_server, serve, streamable_app
+from mcp_pg_events.demo import Context, McpClient, new_server, serve, streamable_app
 
 try:  # mcp 2.x: messages are plain pydantic models
     import mcp_types
@@ -577,8 +576,7 @@ def table(head: list[str], rows: Iterable[list[str]]) -> list[str]:
 def render(results: dict[str, Any]) -> str:
     config = results["config"]
     lines = [
-        f"mcp-pg-events {config['store_commit']}, mcp {config['mcp']}, Python {config['python']}, "
-        f"{config['cpus']} CPUs; {config['message_bytes']}-byte progress notifications",
+        f"{describe_environment(config)}; {config['message_bytes']}-byte progress notifications",
     ]
     if "append" in results:
         lines += [
@@ -656,21 +654,6 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def store_commit() -> str:
-    """The git commit of the mcp_pg_events being measured, '+dirty' with local changes."""
-    root = Path(mcp_pg_events.__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "describe", "--always", "--dirty=+dirty", "--abbrev=7"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return f"(not a git checkout: {root})"
-    return out.stdout.strip()
-
-
 def default_pool_size() -> int:
     # What PostgresEventStore.connect() opens by default, so the comparison follows the store.
     default = inspect.signature(PostgresEventStore.connect).parameters["max_pool_size"].default
@@ -680,10 +663,7 @@ def default_pool_size() -> int:
 async def bench(args: argparse.Namespace, parts: set[str]) -> dict[str, Any]:
     results: dict[str, Any] = {
         "config": {
-            "store_commit": store_commit(),
-            "mcp": f"{importlib.metadata.version('mcp')} ({MCP_MAJOR}.x)",
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
+            **environment(),
             "message_bytes": len(dump(progress_notification("bench-0", 0, PADDING))),
             "pool_size": args.pool_size,
             "seconds": args.seconds,

@@ -36,12 +36,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.metadata
 import inspect
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -52,8 +50,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_DSN, int_list, log, parts_of, report, run, scratch_database
-from append import drive, latency_summary, our_writes, progress_notification, store_commit, table
+from _common import (
+    DEFAULT_DSN,
+    describe_environment,
+    environment,
+    int_list,
+    log,
+    parts_of,
+    report,
+    run,
+    scratch_database,
+)
+from append import drive, latency_summary, our_writes, progress_notification, table
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore
@@ -743,8 +751,7 @@ def render_append_cost(cost: dict[str, Any]) -> list[str]:
 def render(results: dict[str, Any]) -> str:
     config = results["config"]
     lines = [
-        f"mcp-pg-events {config['store_commit']}, mcp {config['mcp']}, Python {config['python']}, "
-        f"{config['cpus']} CPUs; subscriber store: poll every {config['poll_interval']:g} s, "
+        f"{describe_environment(config)}; subscriber store: poll every {config['poll_interval']:g} s, "
         f"pool of {config['pool_size']}",
         "load average (1, 5, 15 min) at the start {}, at the end {}".format(
             *(" / ".join(map(str, config[k])) for k in ("load_average_start", "load_average_end"))
@@ -765,10 +772,7 @@ def render(results: dict[str, Any]) -> str:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "config": {
-            "store_commit": store_commit(),
-            "mcp": f"{importlib.metadata.version('mcp')} ({MCP_MAJOR}.x)",
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
+            **environment(),
             "poll_interval": args.poll_interval,
             "pool_size": args.pool_size,
             "rate": args.rate,
