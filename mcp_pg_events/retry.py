@@ -29,6 +29,11 @@ def is_transient(exc: BaseException) -> bool:
         # The application closed the pool (shutting down): nothing comes back.
         # asyncpg has no class of its own for it; its message is not translated.
         return False
+    if isinstance(exc, asyncpg.exceptions.InternalClientError) and "another operation" in str(exc):
+        # A server process ended under an idle connection (pg_terminate_backend, a
+        # restart): its error has arrived but not yet its end of stream, and asyncpg
+        # refuses the next query before sending anything. The connection closes next.
+        return True
     return isinstance(exc, _TRANSIENT_CLIENT_ERRORS)
 
 
