@@ -211,6 +211,8 @@ class LiveTail:
         self._by_stream: dict[int, set[Subscription]] = {}
         self._due: dict[Subscription, None] = {}  # insertion-ordered set
         self._due_event = asyncio.Event()
+        # Payloads received since the fetch loop last looked, each once.
+        self._payloads: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
         self.reconnects = 0
@@ -276,13 +278,25 @@ class LiveTail:
             self._due_event.set()
 
     def _on_notification(self, conn: Any, pid: int, channel: str, payload: object) -> None:
-        # Runs in asyncpg's protocol callback: only mark, never wait.
-        self.mark_streams(wakeups.decode(str(payload)))
+        # Runs in asyncpg's protocol callback, for every notification on the channel
+        # (from every writer process, or a flood): keep it O(1); the fetch loop reads
+        # the payloads once per round, however many repeat.
+        self._payloads.add(str(payload))
+        self._due_event.set()
+
+    def _read_payloads(self) -> None:
+        payloads, self._payloads = self._payloads, set()
+        for payload in payloads:
+            keys = wakeups.decode(payload)
+            self.mark_streams(keys)
+            if keys is None:
+                return  # every subscription is due already
 
     async def _fetch_loop(self) -> None:
         while True:
             await self._due_event.wait()
             self._due_event.clear()
+            self._read_payloads()
             while self._due:
                 batch: list[Subscription] = []
                 while self._due and len(batch) < self._fetch_batch:
