@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -17,8 +15,7 @@ from mcp_pg_events.live import LISTENER_NAME
 
 from .messages import notification, response
 from .proxy import FlakyProxy
-
-ROOT = Path(__file__).resolve().parent.parent
+from .writer_process import WriterProcess
 
 
 def progress(event: EventMessage) -> Any:
@@ -60,22 +57,8 @@ async def test_a_subscriber_gets_what_another_process_writes_in_order(
     await live_store.live_tail.wait_listening()
 
     count = 300
-    writer = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.append_process",
-        dsn,
-        "s",
-        "7",
-        str(count),
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert writer.stdin is not None and writer.stdout is not None
-    assert await asyncio.wait_for(writer.stdout.readline(), 60) == b"ready\n"
-    writer.stdin.write(b"go\n")
-    await writer.stdin.drain()
+    writer = await WriterProcess.start(dsn, "s", "w", ["7"], end=count, respond=True)
+    await writer.go()
 
     events = await collect(subscription)
     assert await writer.wait() == 0
