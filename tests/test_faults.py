@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import json
 import statistics
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -31,6 +30,7 @@ from mcp_pg_events.wakeups import CHANNEL
 from .conftest import with_database
 from .mcp_http import progress_values
 from .messages import notification, response
+from .own_server import OwnServer, start_own_server
 from .test_live import collect
 from .test_retention import as_role
 from .writer_process import Ack, WriterProcess
@@ -129,36 +129,10 @@ class StreamLoad:
             assert [e.event_id for e in delivered] == [e.event_id for e in stored]
 
 
-# --- a server of our own, to restart and to crash --------------------------------------------------
-
-
-class OwnServer:
-    """An embedded PostgreSQL this module starts, so that it can stop and start it at will."""
-
-    def __init__(self, server: Any) -> None:
-        self._server = server
-        self.uri: str = server.get_uri()
-
-    async def restart(self, mode: str, outage: float) -> None:
-        """Stop the server (``fast``: shut down; ``immediate``: crash); start it ``outage`` s later."""
-        from pgserver._commands import pg_ctl
-
-        stop = ["-w", "-m", mode, "stop"]
-        await asyncio.to_thread(pg_ctl, stop, pgdata=self._server.pgdata, user=self._server.system_user)
-        await asyncio.sleep(outage)  # how long the database stays away
-        await asyncio.to_thread(self._server.ensure_postgres_running)
-        assert self._server.get_uri() == self.uri
-
-
 @pytest.fixture(scope="module")
 def own_server() -> Iterator[OwnServer]:
-    import pgserver
-
-    with (
-        tempfile.TemporaryDirectory(prefix="mcp-pg-events-restart-") as folder,
-        pgserver.get_server(folder, cleanup_mode="stop") as server,
-    ):
-        yield OwnServer(server)
+    with start_own_server() as server:
+        yield server
 
 
 @pytest.fixture

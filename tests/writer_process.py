@@ -6,7 +6,8 @@ One task per STREAM appends progress notifications ``{"progress": n, "writer": T
 for n from START up to END (END 0: until killed), all streams at once, so that
 their appends share commits. After each ``store_event`` returns it prints
 ``ack STREAM n EVENT_ID``: a line printed is an event acknowledged. With
-``--respond`` each stream then gets the response to request STREAM, which ends it.
+``--respond`` each stream then gets the response to request STREAM, which ends it;
+``--pace S`` waits S seconds after each append.
 Prints ``ready`` once connected, and waits for a line on stdin before writing, so
 that the test can start it in advance. ``WriterProcess`` is the test's side of it.
 """
@@ -45,10 +46,11 @@ class WriterProcess:
     @classmethod
     async def start(
         cls, dsn: str, session: str, tag: str, streams: list[str], *, start: int = 0, end: int = 0,
-        respond: bool = False,
+        respond: bool = False, pace: float = 0.0,
     ) -> WriterProcess:  # fmt: skip
         """Start a writer and wait until it is connected; ``go()`` lets it write."""
-        args = [dsn, session, tag, str(start), str(end), *streams, *(["--respond"] if respond else [])]
+        args = [dsn, session, tag, str(start), str(end), *streams, "--pace", str(pace)]
+        args += ["--respond"] if respond else []
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.writer_process", *args,
             cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -100,6 +102,8 @@ async def main(args: argparse.Namespace) -> None:
                     stream, notification("notifications/progress", {"progress": n, "writer": args.tag})
                 )
                 print("ack", stream, n, event_id, flush=True)
+                if args.pace:
+                    await asyncio.sleep(args.pace)
             if args.respond:
                 await view.store_event(stream, response(int(stream), {"done": args.end}))
 
@@ -115,4 +119,5 @@ if __name__ == "__main__":
     parser.add_argument("end", type=int, help="0: until killed")
     parser.add_argument("streams", nargs="+")
     parser.add_argument("--respond", action="store_true")
+    parser.add_argument("--pace", type=float, default=0.0)
     asyncio.run(main(parser.parse_args()))
