@@ -8,13 +8,22 @@ explicit ``None`` values and extra fields included.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, cast
 
 from mcp.server.streamable_http import EventMessage
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 if TYPE_CHECKING:
     from mcp.server.streamable_http import EventId
+
+
+def _too_deep(exc: ValidationError) -> bool:
+    # pydantic's JSON parser gives up at 200 levels of nesting, its serializer only
+    # at about 255: a message in between is stored, and must not be lost on replay.
+    # Python's own parser reads it (its limit is far deeper); it runs only then.
+    return all(error["type"] == "json_invalid" for error in exc.errors())
+
 
 try:  # mcp 2.x
     from mcp_types import JSONRPCError as _Error  # type: ignore[import-not-found, unused-ignore]
@@ -26,7 +35,12 @@ try:  # mcp 2.x
 
     def load_message(data: bytes) -> Any:
         """The message stored as ``data``."""
-        return _adapter.validate_json(data)
+        try:
+            return _adapter.validate_json(data)
+        except ValidationError as exc:
+            if not _too_deep(exc):
+                raise
+            return _adapter.validate_python(json.loads(data))
 
 except ImportError:  # mcp 1.x
     from mcp.types import JSONRPCError as _Error
@@ -37,7 +51,12 @@ except ImportError:  # mcp 1.x
 
     def load_message(data: bytes) -> Any:
         """The message stored as ``data``."""
-        return _Message.model_validate_json(data)  # type: ignore[attr-defined, unused-ignore]
+        try:
+            return _Message.model_validate_json(data)  # type: ignore[attr-defined, unused-ignore]
+        except ValidationError as exc:
+            if not _too_deep(exc):
+                raise
+            return _Message.model_validate(json.loads(data))  # type: ignore[attr-defined, unused-ignore]
 
 
 # Validating a page as one JSON array saves pydantic's per-call overhead, about a
@@ -49,7 +68,11 @@ def load_messages(datas: list[bytes]) -> list[Any]:
     """The messages stored as ``datas``, in order."""
     if len(datas) < 2:
         return [load_message(data) for data in datas]
-    return _page_adapter.validate_json(b"[" + b",".join(datas) + b"]")
+    try:
+        return _page_adapter.validate_json(b"[" + b",".join(datas) + b"]")
+    except ValidationError:
+        # One message too deep for the page (the array is a level more): each on its own.
+        return [load_message(data) for data in datas]
 
 
 def answered_request(message: Any) -> str | None:

@@ -78,6 +78,16 @@ def _encode_stream_id(stream_id: str) -> bytes:
     return name
 
 
+def _valid_session_key(key: object) -> bool:
+    if not isinstance(key, str) or not key or len(key) > MAX_SESSION_KEY_LENGTH or "\x00" in key:
+        return False
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 async def keep_session_state(conn: asyncpg.Connection[Any]) -> None:
     """A pool ``reset`` that skips asyncpg's reset query.
 
@@ -378,10 +388,10 @@ class SessionEventStore(EventStore):
     """
 
     def __init__(self, root: PostgresEventStore, key: str) -> None:
-        if not isinstance(key, str) or not key or len(key) > MAX_SESSION_KEY_LENGTH or "\x00" in key:
+        if not _valid_session_key(key):
             raise ValueError(
                 f"session key must be a non-empty string of at most {MAX_SESSION_KEY_LENGTH} "
-                "characters without NUL"
+                "characters, without NUL or lone surrogates (a text column holds neither)"
             )
         self._root = root
         self.key = key

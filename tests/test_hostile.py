@@ -1,0 +1,720 @@
+"""Hostile input, property-based: what a client or a tool controls, against a real PostgreSQL.
+
+Cursors (``Last-Event-ID``), stream ids (a client's JSON-RPC request ids), message
+contents and HTTP headers. Each is stored and replayed exactly, or refused with a
+clear error; no query error escapes, and no session ever gets another's events.
+
+What these tests found out, and pin down:
+
+- pydantic serializes a message nested up to about 255 levels, but its JSON parser
+  stops at 200: a message in between was stored, then failed every replay (and
+  took the rest of its stream down with it). ``load_message`` now falls back to
+  Python's parser for it. Deeper messages are refused by ``store_event``.
+- A request id over 2 KB (UTF-8) is refused with ``StreamIdTooLongError``; the SDK
+  answers that POST with a 500 of its own (it does so for any store that raises)
+  and the session carries on. Other sessions see nothing of it.
+- A request id holding a lone surrogate (``"\\ud800"`` in the JSON): mcp 2.x refuses
+  the body (400); mcp 1.x parses it, then neither it nor the store can serialize
+  the response, and the SDK's message router for that session stops. Only that
+  session hangs.
+- A request id of ``"_GET_stream"`` shares its stream with the session's standalone
+  stream (the SDK's name for it): a quirk of the SDK, confined to that session.
+- An empty ``Last-Event-ID`` header is no header to the SDK: it opens the
+  standalone stream. Only non-empty values are resumption attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from mcp.server.streamable_http import EventMessage
+
+from mcp_pg_events import PostgresEventStore, SessionEventStore, StreamIdTooLongError, run_retention
+from mcp_pg_events.demo import SSEStream, new_server, streamable_app
+from mcp_pg_events.event_ids import parse_event_id
+from mcp_pg_events.store import MAX_SESSION_KEY_LENGTH, MAX_STREAM_ID_BYTES
+
+from .mcp_http import SSE, McpClient, RecordingStore, build_app, serve
+from .messages import MCP_MAJOR, notification, response
+from .test_contract import Recorder
+
+HOUR = timedelta(hours=1)
+TIMEOUT = 15
+
+
+def hostile(max_examples: int) -> Any:
+    # The fixtures are built once per test and shared by its examples on purpose:
+    # every example reads the same sessions, or makes a session of its own.
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+
+
+def utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def has_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+async def replay(view: SessionEventStore, cursor: str) -> tuple[str | None, list[tuple[str, Any]]]:
+    got = Recorder()
+    stream = await view.replay_events_after(cursor, got)
+    return stream, [(e.event_id, e.message) for e in got.events]
+
+
+async def follow(view: SessionEventStore, cursor: str) -> tuple[bool, list[tuple[str, Any]]]:
+    """Whether a live subscription from ``cursor`` opens, and all it yields until its stream ends."""
+    subscription = view.subscribe(cursor)
+    try:
+        opened = await subscription.open()
+
+        async def read() -> list[EventMessage]:
+            return [event async for event in subscription]
+
+        events = await asyncio.wait_for(read(), TIMEOUT)
+    finally:
+        await subscription.aclose()
+    return opened, [(e.event_id, e.message) for e in events]
+
+
+# --- Last-Event-ID on the store ---------------------------------------------------------------
+
+
+@dataclass
+class Sessions:
+    """Two sessions with colliding stream ids, and events that retention removed from both."""
+
+    mine: SessionEventStore
+    # This session's stream "1" as (event id, message or None for a priming event), in order.
+    alive: list[tuple[str, Any]]
+    expired: list[str]
+    foreign: list[str]
+
+    def after(self, cursor: str) -> list[tuple[str, Any]] | None:
+        """What a replay from ``cursor`` must send: None when it is not this session's live event.
+
+        An id is ``{stream_key}-{seq}-{tag}``; leading zeros name the same event.
+        """
+        match = re.fullmatch(r"([0-9]{1,18})-([0-9]{1,18})-([0-9a-f]{12})", cursor)
+        if match is None:
+            return None
+        canonical = f"{int(match[1])}-{int(match[2])}-{match[3]}"
+        ids = [event_id for event_id, _ in self.alive]
+        if canonical not in ids:
+            return None
+        return [(e, m) for e, m in self.alive[ids.index(canonical) + 1 :] if m is not None]
+
+    def parts(self) -> tuple[list[int], list[int], list[str]]:
+        """The stream keys, seqs and tags of every id above, for forging ids out of real parts."""
+        refs = [parse_event_id(e) for e in [*(e for e, _ in self.alive), *self.expired, *self.foreign]]
+        return (
+            sorted({r.stream_key for r in refs if r}),
+            sorted({r.seq for r in refs if r}),
+            sorted({r.tag for r in refs if r}),
+        )
+
+
+def progress(i: int) -> Any:
+    return notification("notifications/progress", {"progress": i, "progressToken": "t"})
+
+
+@pytest.fixture
+async def sessions(store: PostgresEventStore, admin: asyncpg.Connection, dsn: str) -> Sessions:
+    mine, other = store.session("mine"), store.session("other")
+    old_mine = [await mine.store_event("1", m) for m in (None, progress(0))]
+    old_other = [
+        await other.store_event("1", None),
+        await other.store_event("1", progress(100)),
+        await other.store_event("_GET_stream", progress(101)),
+    ]
+    # The oldest events of the whole sequence: those retention takes.
+    await admin.execute(
+        "UPDATE mcp_events_events SET created_at = created_at - interval '2 hours' WHERE seq = ANY($1)",
+        [ref.seq for ref in map(parse_event_id, old_mine + old_other) if ref],
+    )
+    messages = [progress(1), progress(2), None, progress(3), response(1, {"content": []})]
+    alive = [(await mine.store_event("1", m), m) for m in messages]
+    foreign = [
+        await other.store_event("1", progress(102)),
+        await other.store_event("_GET_stream", progress(103)),
+        await other.store_event("1", response(1, {"content": []})),
+    ]
+    report = await run_retention(dsn, ttl=HOUR)
+    assert report.rows_deleted == len(old_mine) + len(old_other)
+    return Sessions(store.session("mine"), alive, old_mine, old_other + foreign)
+
+
+CURSOR_TEXT = [
+    "",
+    "x" * 10_000,
+    "1' OR '1'='1",
+    "1;DROP TABLE mcp_events_events;--",
+    "1-1-aaaaaaaaaaaa",
+    "9" * 40,
+    "9" * 19 + "-1-aaaaaaaaaaaa",
+    "1-1-aaaa\x00aaaaaaa",
+    "\u0661-\u0661-aaaaaaaaaaaa",  # Arabic-Indic digits: digits to Python, not to the id format
+    "1-1-AAAAAAAAAAAA",
+    "1-1-aaaaaaaaaaaa\n",
+    "\ud800-1-aaaaaaaaaaaa",
+    "é✓🎉",
+]
+
+
+@hostile(max_examples=150)
+@given(cursor=st.text() | st.binary(max_size=60).map(lambda b: b.decode("latin-1")))
+@example(cursor=CURSOR_TEXT[0])
+@example(cursor=CURSOR_TEXT[1])
+@example(cursor=CURSOR_TEXT[2])
+@example(cursor=CURSOR_TEXT[3])
+@example(cursor=CURSOR_TEXT[4])
+@example(cursor=CURSOR_TEXT[5])
+@example(cursor=CURSOR_TEXT[6])
+@example(cursor=CURSOR_TEXT[7])
+@example(cursor=CURSOR_TEXT[8])
+@example(cursor=CURSOR_TEXT[9])
+@example(cursor=CURSOR_TEXT[10])
+@example(cursor=CURSOR_TEXT[11])
+@example(cursor=CURSOR_TEXT[12])
+async def test_any_text_as_last_event_id_gives_nothing_and_never_an_error(
+    sessions: Sessions, cursor: str
+) -> None:
+    assert await replay(sessions.mine, cursor) == (None, [])
+    assert await follow(sessions.mine, cursor) == (False, [])
+
+
+async def test_other_sessions_and_expired_event_ids_give_nothing(sessions: Sessions) -> None:
+    assert len(sessions.foreign) == 6 and len(sessions.expired) == 2
+    for cursor in sessions.foreign + sessions.expired:
+        assert await replay(sessions.mine, cursor) == (None, []), cursor
+        assert await follow(sessions.mine, cursor) == (False, []), cursor
+
+
+@hostile(max_examples=200)
+@given(data=st.data())
+async def test_ids_forged_from_real_parts_give_only_this_sessions_own_events(
+    sessions: Sessions, data: st.DataObject
+) -> None:
+    # Keys, seqs and tags of this session, of the other one and of expired events,
+    # mixed: only an id naming one of this session's live events may replay anything.
+    keys, seqs, tags = sessions.parts()
+    number = st.integers(0, 10**18 - 1)
+    key = data.draw(st.sampled_from(keys) | number, "stream key")
+    seq = data.draw(st.sampled_from(seqs) | number, "seq")
+    tag = data.draw(st.sampled_from(tags) | st.text("0123456789abcdef", min_size=12, max_size=12), "tag")
+    zeros = data.draw(st.sampled_from(["", "0", "00"]), "leading zeros")
+    cursor = f"{zeros}{key}-{zeros}{seq}-{tag}"
+    expected = sessions.after(cursor)
+
+    stream, events = await replay(sessions.mine, cursor)
+    if expected is None:
+        assert (stream, events) == (None, [])
+        assert await follow(sessions.mine, cursor) == (False, [])
+    else:
+        assert (stream, events) == ("1", expected)
+        # The stream ends with its response: a subscription yields the rest, then stops.
+        assert await follow(sessions.mine, cursor) == (bool(expected), expected)
+
+
+async def test_every_live_event_of_this_session_resumes_its_own_stream(sessions: Sessions) -> None:
+    for cursor, _ in sessions.alive:
+        expected = sessions.after(cursor)
+        assert expected is not None
+        assert await replay(sessions.mine, cursor) == ("1", expected)
+        assert await follow(sessions.mine, cursor) == (bool(expected), expected)
+
+
+# --- stream ids and session keys ------------------------------------------------------------------
+
+
+long_runs = st.builds(lambda ch, n: ch * n, st.characters(), st.integers(400, 2100))
+
+
+@hostile(max_examples=120)
+@given(stream_id=st.text(max_size=40) | long_runs)
+@example(stream_id="")
+@example(stream_id="\x00")
+@example(stream_id="nul\x00inside")
+@example(stream_id="\ud800")
+@example(stream_id="\udfff\ud800")
+@example(stream_id="\ud83c\udf89")  # a surrogate pair as two code points, not one 🎉
+@example(stream_id="_GET_stream")
+@example(stream_id="' OR 1=1 --")
+@example(stream_id="x" * MAX_STREAM_ID_BYTES)
+@example(stream_id="x" * (MAX_STREAM_ID_BYTES + 1))
+@example(stream_id="é" * (MAX_STREAM_ID_BYTES // 2))
+@example(stream_id="é" * (MAX_STREAM_ID_BYTES // 2) + "x")
+@example(stream_id="🎉" * (MAX_STREAM_ID_BYTES // 4))
+@example(stream_id="🎉" * (MAX_STREAM_ID_BYTES // 4 + 1))
+@example(stream_id="x" * 100_000)
+async def test_any_stream_id_round_trips_exactly_or_is_refused_as_too_long(
+    store: PostgresEventStore, admin: asyncpg.Connection, stream_id: str
+) -> None:
+    key = uuid.uuid4().hex
+    view = store.session(key)
+    message = progress(1)
+    if utf8_size(stream_id) > MAX_STREAM_ID_BYTES:
+        for stored in (None, message):
+            with pytest.raises(StreamIdTooLongError, match=r"stream id is \d+ bytes long"):
+                await view.store_event(stream_id, stored)
+        assert await admin.fetchval("SELECT count(*) FROM mcp_events_sessions WHERE key = $1", key) == 0
+        return
+
+    cursor = await view.store_event(stream_id, None)
+    event_id = await view.store_event(stream_id, message)
+    assert await replay(store.session(key), cursor) == (stream_id, [(event_id, message)])
+    if not has_surrogate(stream_id) and stream_id != "_GET_stream":
+        # A response whose id is the stream id ends a live subscription: the
+        # stored name compares equal to the id, character for character.
+        end = response(stream_id, {})
+        end_id = await view.store_event(stream_id, end)
+        assert await follow(store.session(key), cursor) == (True, [(event_id, message), (end_id, end)])
+
+
+@hostile(max_examples=60)
+@given(key=st.text(max_size=MAX_SESSION_KEY_LENGTH + 10) | long_runs)
+@example(key="")
+@example(key="\x00")
+@example(key="a\ud800")
+@example(key="x" * MAX_SESSION_KEY_LENGTH)
+@example(key="🎉" * MAX_SESSION_KEY_LENGTH)
+@example(key="x" * (MAX_SESSION_KEY_LENGTH + 1))
+@example(key="1' OR '1'='1")
+async def test_any_session_key_keeps_its_events_apart_or_is_refused_up_front(
+    store: PostgresEventStore, key: str
+) -> None:
+    if not key or len(key) > MAX_SESSION_KEY_LENGTH or "\x00" in key or has_surrogate(key):
+        with pytest.raises(ValueError, match="session key must be"):
+            store.session(key)
+        return
+    view = store.session(key)
+    # Every example shares the database: the stream is new whichever key came before.
+    stream_id = uuid.uuid4().hex
+    cursor = await view.store_event(stream_id, None)
+    event_id = await view.store_event(stream_id, progress(1))
+    assert await replay(store.session(key), cursor) == (stream_id, [(event_id, progress(1))])
+    assert await replay(store.session(uuid.uuid4().hex), cursor) == (None, [])
+
+
+# --- message contents ---------------------------------------------------------------------------
+
+
+@hostile(max_examples=120)
+@given(text=st.text(max_size=60))
+@example(text="\x00")
+@example(text="nul \x00 inside \x00\x00")
+@example(text="\\u0000")
+@example(text="\ud800")
+@example(text="a\udfffb")
+@example(text="\u2028\u2029\ufeff\uffff")
+@example(text="é✓🎉 \" ' \\ </script>")
+async def test_any_text_in_a_message_replays_exactly_or_is_refused_when_unserializable(
+    store: PostgresEventStore, text: str
+) -> None:
+    view = store.session(uuid.uuid4().hex)
+    message = notification(
+        "notifications/message", {"level": "info", "data": text, text: [text, {text: text}]}
+    )
+    cursor = await view.store_event("1", None)
+    if has_surrogate(text):
+        # Not valid UTF-8: pydantic cannot write it, so neither could the SDK send it.
+        with pytest.raises(ValueError, match="surrogates not allowed"):
+            await view.store_event("1", message)
+        assert await replay(view, cursor) == ("1", [])
+        return
+    event_id = await view.store_event("1", message)
+    assert await replay(view, cursor) == ("1", [(event_id, message)])
+
+
+def nested(depth: int, shape: str) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = [value] if shape == "list" else {"k": value}
+    return value
+
+
+# pydantic's JSON parser gives up at 200 levels; nothing that shallow may be refused.
+PARSER_DEPTH = 200
+
+
+@hostile(max_examples=40)
+@given(depth=st.integers(1, 320), shape=st.sampled_from(["list", "dict"]))
+@example(depth=100, shape="list")
+@example(depth=197, shape="list")
+@example(depth=198, shape="dict")
+@example(depth=199, shape="list")
+@example(depth=230, shape="dict")
+@example(depth=250, shape="list")
+@example(depth=254, shape="dict")
+@example(depth=255, shape="list")
+@example(depth=500, shape="dict")
+@example(depth=5000, shape="list")
+async def test_a_deeply_nested_message_replays_exactly_or_is_refused_as_too_deep(
+    store: PostgresEventStore, depth: int, shape: str
+) -> None:
+    view = store.session(uuid.uuid4().hex)
+    deep = response(1, {"structuredContent": {"v": nested(depth, shape)}})
+    before = progress(1)
+    cursor = await view.store_event("1", None)
+    before_id = await view.store_event("1", before)
+    try:
+        deep_id = await view.store_event("1", deep)
+    except ValueError as exc:
+        refused: ValueError | None = exc
+    else:
+        refused = None
+    if refused is not None:
+        assert "depth" in str(refused)
+        assert depth > PARSER_DEPTH
+        assert await replay(view, cursor) == ("1", [(before_id, before)])
+        return
+    # Replay decodes a page of rows at once, the live tail one row at a time: both.
+    expected = [(before_id, before), (deep_id, deep)]
+    assert await replay(view, cursor) == ("1", expected)
+    assert await follow(view, cursor) == (True, expected)
+
+
+TEN_MB = 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["x" * TEN_MB, ('ab\x00é🎉"\\\u2028' * (TEN_MB // 8))],
+    ids=["ascii", "escapes-and-unicode"],
+)
+async def test_a_10_mb_message_is_stored_and_replayed_exactly(store: PostgresEventStore, text: str) -> None:
+    view = store.session("big")
+    message = notification("notifications/message", {"level": "info", "data": text})
+    cursor = await view.store_event("1", None)
+    event_id = await view.store_event("1", message)
+    end = response(1, {})
+    end_id = await view.store_event("1", end)
+    assert await replay(view, cursor) == ("1", [(event_id, message), (end_id, end)])
+    assert await follow(view, cursor) == (True, [(event_id, message), (end_id, end)])
+
+
+# --- over HTTP --------------------------------------------------------------------------------
+
+
+@dataclass
+class Peers:
+    """Two MCP sessions on one server, each with a finished tool call."""
+
+    http: httpx.AsyncClient
+    recorder: RecordingStore
+    alice: McpClient
+    bob: McpClient
+    alice_events: list[SSE]
+    # Bob's opening stream and his tool call's: ids of both of his scopes.
+    bob_events: list[SSE]
+
+    async def alice_still_resumes(self) -> None:
+        """Alice's tool call still replays from its priming event: all of it, and only it."""
+        async with self.alice.get(last_event_id=self.alice_events[0].id) as resumed:
+            assert resumed.response.status_code == 200
+            replayed = await resumed.until_response(2)
+        assert data_events(replayed) == data_events(self.alice_events)
+
+
+def data_events(events: list[SSE]) -> list[SSE]:
+    return [e for e in events if e.data]
+
+
+@pytest.fixture
+async def peers(store: PostgresEventStore) -> AsyncIterator[Peers]:
+    recorder = RecordingStore(store)
+    gate = asyncio.Event()
+    gate.set()
+    async with (
+        serve(build_app(recorder, gate)) as url,
+        httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http,
+    ):
+        alice, bob = McpClient(http), McpClient(http)
+        await alice.initialize()
+        bob_events = await bob.initialize()
+        events = []
+        for client, token in ((alice, "alice"), (bob, "bob")):
+            request_id, call = client.call_tool("progress", {"count": 2}, progress_token=token)
+            assert request_id == 2
+            async with call as stream:
+                events.append(await stream.rest())
+        yield Peers(http, recorder, alice, bob, events[0], bob_events + events[1])
+
+
+def header_text(text: str) -> bytes:
+    """``text`` as a header value HTTP can carry: no control characters, no blanks around it."""
+    kept = "".join(ch for ch in text if ch == "\t" or (ch >= " " and ch != "\x7f"))
+    return kept.strip(" \t").encode("utf-8", "surrogatepass")
+
+
+latin1 = st.binary(min_size=1).map(lambda b: b.decode("latin-1"))
+header_values = (st.text(min_size=1) | latin1).map(header_text).filter(bool)
+
+
+class BobsCursor(int):
+    """The n-th of Bob's event ids (modulo their count): a real cursor of another session."""
+
+
+@hostile(max_examples=50)
+@given(value=header_values | st.integers(0, 20).map(BobsCursor))
+@example(value=b"x" * 10_000)
+@example(value=b"1' OR '1'='1")
+@example(value=b"9" * 40)
+@example(value=b"1-1-aaaaaaaaaaaa")
+@example(value="é✓🎉".encode())
+@example(value=b"\xff\xfe\x80")
+@example(value=b"%00")
+@example(value=BobsCursor(0))
+@example(value=BobsCursor(2))
+@example(value=BobsCursor(4))
+async def test_hostile_last_event_id_headers_get_an_empty_stream_never_a_500_nor_anothers_events(
+    peers: Peers, value: bytes | BobsCursor
+) -> None:
+    if isinstance(value, BobsCursor):
+        bobs = [e.id for e in peers.bob_events if e.id]
+        value = bobs[value % len(bobs)].encode()
+    async with peers.alice.get(last_event_id=value) as resumed:  # type: ignore[arg-type]
+        assert resumed.response.status_code == 200
+        assert data_events(await resumed.rest()) == []
+
+
+class Provisional(int):
+    """The provisional key the store filed a session's opening stream under, sent as a session id."""
+
+
+@hostile(max_examples=40)
+@given(
+    session_id=header_values | st.just(b"") | st.just(Provisional()),
+    method=st.sampled_from(["GET", "POST", "DELETE"]),
+)
+@example(session_id=b"", method="GET")
+@example(session_id=b"x" * 10_000, method="POST")
+@example(session_id=b"1' OR '1'='1", method="DELETE")
+@example(session_id="é✓🎉".encode(), method="GET")
+@example(session_id=Provisional(), method="GET")
+@example(session_id=Provisional(), method="DELETE")
+async def test_odd_session_ids_are_refused_never_with_a_500_nor_anothers_events(
+    peers: Peers, session_id: bytes | Provisional, method: str
+) -> None:
+    if isinstance(session_id, Provisional):
+        keys = [key for key, _, _ in peers.recorder.stored if key.startswith("provisional-")]
+        session_id = keys[0].encode()
+    if session_id.decode("latin-1") in (peers.alice.session_id, peers.bob.session_id):
+        return  # a real session id is the session's credential, not an odd one
+    headers: dict[str, Any] = {**peers.alice._headers(), "mcp-session-id": session_id}
+    body = None
+    if method == "GET":
+        headers["last-event-id"] = peers.bob_events[-1].id
+    elif method == "POST":
+        body = json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/list"})
+        headers["content-type"] = "application/json"
+    answer = await peers.http.request(method, "/mcp", headers=headers, content=body)
+    assert 400 <= answer.status_code < 500, answer.text
+    assert "data:" not in answer.text and "progress" not in answer.text
+    if method == "DELETE":
+        await peers.alice_still_resumes()
+
+
+def sse_events(body: bytes) -> list[SSE]:
+    """The events of a whole SSE body, its lines broken only where SSE breaks them.
+
+    Not at U+2028, NEL and the like, which JSON leaves unescaped and which the
+    demo client's line reader (httpx's ``aiter_lines``, i.e. ``splitlines``) breaks at.
+    """
+    events: list[SSE] = []
+    event_id: str | None = None
+    data: list[str] = []
+    seen = False
+    for line in re.split(r"\r\n|\r|\n", body.decode()):
+        if line == "":
+            if seen:
+                events.append(SSE(event_id, "\n".join(data)))
+            event_id, data, seen = None, [], False
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "id":
+            event_id, seen = value, True
+        elif field == "data":
+            data.append(value)
+            seen = True
+    return events
+
+
+def call_with_id(request_id: Any, tool: str = "progress", arguments: Any = None) -> bytes:
+    """A ``tools/call`` with any JSON as its id (or, given bytes, that raw JSON text)."""
+    raw = request_id if isinstance(request_id, bytes) else json.dumps(request_id).encode()
+    arguments = {"count": 1} if arguments is None else arguments
+    params = json.dumps({"name": tool, "arguments": arguments}).encode()
+    return b'{"jsonrpc": "2.0", "method": "tools/call", "params": ' + params + b', "id": ' + raw + b"}"
+
+
+async def post_raw(http: httpx.AsyncClient, client: McpClient, body: bytes) -> httpx.Response:
+    request = http.build_request(
+        "POST", "/mcp", content=body, headers={**client._headers(), "content-type": "application/json"}
+    )
+    return await http.send(request, stream=True)
+
+
+async def resume(http: httpx.AsyncClient, client: McpClient, last_event_id: str | None) -> list[SSE]:
+    """Every event of a resumed stream that ends (a request's, its response stored)."""
+    assert last_event_id
+    headers = client._headers(**{"accept": "text/event-stream", "last-event-id": last_event_id})
+    answer = await http.get("/mcp", headers=headers)
+    assert answer.status_code == 200
+    return sse_events(answer.content)
+
+
+async def still_answers(client: McpClient) -> None:
+    _, call = client.call_tool("progress", {"count": 1})
+    async with call as stream:
+        (reply,) = [e.message for e in data_events(await stream.rest())]
+    assert reply is not None and reply["result"]["content"][0]["text"] == "sent 1"
+
+
+request_ids = (
+    st.text(st.characters(exclude_categories=["Cs"]), max_size=30)
+    | st.builds(lambda ch, n: ch * n, st.characters(exclude_categories=["Cs"]), st.integers(500, 2100))
+    | st.integers(-(2**80), 2**80)
+).filter(lambda request_id: str(request_id) != "1")  # the session's initialize: see below
+
+
+@hostile(max_examples=15)
+@given(request_id=request_ids)
+@example(request_id="x" * 3000)
+@example(request_id="é" * (MAX_STREAM_ID_BYTES // 2 + 1))
+@example(request_id="x" * MAX_STREAM_ID_BYTES)
+@example(request_id="nul\x00id")
+@example(request_id="ünï ✓ 🎉 \u2028 \x85 \r\n")
+@example(request_id="1' OR '1'='1")
+@example(request_id="")
+@example(request_id=2**70)
+async def test_a_hostile_request_id_is_answered_on_its_own_stream_or_refused_and_others_never_notice(
+    peers: Peers, request_id: str | int
+) -> None:
+    evil = McpClient(peers.http)
+    await evil.initialize()
+    answer = await post_raw(peers.http, evil, call_with_id(request_id))
+    try:
+        await answer.aread()
+    finally:
+        await answer.aclose()
+    if utf8_size(str(request_id)) > MAX_STREAM_ID_BYTES:
+        # The store refuses the stream id (StreamIdTooLongError); the SDK answers
+        # any store that raises with a 500, to this one request.
+        assert answer.status_code == 500
+        assert "data:" not in answer.text
+    else:
+        assert answer.status_code == 200
+        events = sse_events(answer.content)
+        (reply,) = [e.message for e in data_events(events)]
+        assert reply is not None and reply["id"] == request_id
+        assert reply["result"]["content"][0]["text"] == "sent 1"
+        # The stream id is the request id: its stream resumes, exactly.
+        assert data_events(await resume(peers.http, evil, events[0].id)) == data_events(events)
+    await still_answers(evil)
+    await peers.alice_still_resumes()
+
+
+async def test_a_request_id_repeating_an_earlier_ones_text_stays_in_its_own_session(peers: Peers) -> None:
+    # The SDK files both 1 (the initialize) and "1" under stream "1". The live
+    # resume takes the stream as ended by the first one's response, which comes
+    # before the cursor, so it may give nothing; whatever it gives is this session's.
+    evil = McpClient(peers.http)
+    await evil.initialize()
+    answer = await post_raw(peers.http, evil, call_with_id("1"))
+    try:
+        await answer.aread()
+    finally:
+        await answer.aclose()
+    events = sse_events(answer.content)
+    (reply,) = [e.message for e in data_events(events)]
+    assert reply is not None and reply["id"] == "1"
+    assert data_events(await resume(peers.http, evil, events[0].id)) in ([], data_events(events))
+    await still_answers(evil)
+    await peers.alice_still_resumes()
+
+
+async def test_a_request_id_with_a_lone_surrogate_stops_at_most_its_own_session(peers: Peers) -> None:
+    evil = McpClient(peers.http)
+    await evil.initialize()
+    answer = await post_raw(peers.http, evil, call_with_id(b'"a\\ud800"'))
+    try:
+        if MCP_MAJOR == 2:
+            assert answer.status_code == 400  # its JSON parser refuses a lone surrogate
+        else:
+            # mcp 1.x parses it with json.loads: the priming event (stream ids keep
+            # lone surrogates) is stored and sent, the response never is: the store
+            # cannot serialize it, nor could the SDK, whose message router then stops.
+            assert answer.status_code == 200
+            priming = await SSEStream(answer).next()
+            assert priming is not None and priming.id and priming.data == ""
+        await peers.alice_still_resumes()
+        await still_answers(peers.bob)
+    finally:
+        await answer.aclose()
+
+
+# The SDK keeps a request's stream under str(request id), and the standalone GET
+# stream under "_GET_stream": a request with that id shares the standalone stream's
+# name, in its own session's scope only.
+async def test_a_request_id_naming_the_standalone_stream_stays_in_its_own_session(peers: Peers) -> None:
+    evil = McpClient(peers.http)
+    await evil.initialize()
+    answer = await post_raw(peers.http, evil, call_with_id("_GET_stream"))
+    try:
+        await answer.aread()
+    finally:
+        await answer.aclose()
+    assert answer.status_code == 200
+    (reply,) = [e.message for e in data_events(sse_events(answer.content))]
+    assert reply is not None and reply["id"] == "_GET_stream"
+    stored = {key for key, stream, _ in peers.recorder.stored if stream == "_GET_stream"}
+    assert stored == {evil.session_id}
+    await still_answers(evil)
+    await peers.alice_still_resumes()
+
+
+async def test_a_10_mb_tool_result_resumes_exactly_over_http(store: PostgresEventStore) -> None:
+    server = new_server("hostile-big", store)
+    blob = ('\x00é🎉"\\\u2028\x85' + "x" * 1000) * (TEN_MB // 1007)
+
+    @server.tool()  # type: ignore[misc]
+    async def big() -> str:
+        """A result of 10 MB of text, some of which JSON must escape, some not."""
+        return blob
+
+    async with (
+        serve(streamable_app(server, store)) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as http,
+    ):
+        client = McpClient(http)
+        await client.initialize()
+        answer = await post_raw(http, client, call_with_id(2, "big", {}))
+        try:
+            await answer.aread()
+        finally:
+            await answer.aclose()
+        live = sse_events(answer.content)
+        replayed = await resume(http, client, live[0].id)
+    assert data_events(replayed) == data_events(live)
+    (reply,) = [e.message for e in data_events(replayed)]
+    assert reply is not None and reply["id"] == 2
+    assert reply["result"]["content"][0]["text"] == blob
