@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +37,7 @@ except ImportError:  # mcp 1.x
 
 PROTOCOL_VERSION = "2025-11-25"
 READ_TIMEOUT = 15.0
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # Names the demo's progress notifications (a progress token, not a secret).
 PROGRESS_TOKEN = "demo"  # noqa: S105
 
@@ -69,6 +71,9 @@ def streamable_app(server: Any, store: EventStore | None) -> Any:
 async def serve(app: Any, port: int = 0) -> AsyncIterator[str]:
     """Serve ``app`` on loopback (``port`` 0: any free port); yield its base URL."""
     sock = socket.socket()
+    # Accepted connections inherit it: without it, Nagle and delayed ACKs hold each
+    # small SSE write on loopback for ~40 ms.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(128)
     # Clients may connect at once: the kernel queues them until uvicorn accepts.
@@ -94,12 +99,28 @@ class SSE:
         return json.loads(self.data) if self.data else None
 
 
+async def _sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    # SSE ends lines at CR, LF or CRLF only; httpx's aiter_lines also splits at
+    # U+2028, NEL and the like, which JSON strings may hold unescaped.
+    pending = ""
+    async for text in response.aiter_text():
+        pending += text
+        # A CR at the end may be the first half of a CRLF split between chunks.
+        cut = len(pending) - 1 if pending.endswith("\r") else len(pending)
+        *lines, rest = _LINE_BREAK.split(pending[:cut])
+        pending = rest + pending[cut:]
+        for line in lines:
+            yield line
+    if pending:
+        yield pending
+
+
 class SSEStream:
     """The events of one streaming HTTP response."""
 
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
-        self._lines = response.aiter_lines()
+        self._lines = _sse_lines(response)
 
     async def next(self) -> SSE | None:
         """The next event, or None when the server ended the stream."""
