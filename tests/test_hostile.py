@@ -532,30 +532,9 @@ async def test_odd_session_ids_are_refused_never_with_a_500_nor_anothers_events(
         await peers.alice_still_resumes()
 
 
-def sse_events(body: bytes) -> list[SSE]:
-    """The events of a whole SSE body, its lines broken only where SSE breaks them.
-
-    Not at U+2028, NEL and the like, which JSON leaves unescaped and which the
-    demo client's line reader (httpx's ``aiter_lines``, i.e. ``splitlines``) breaks at.
-    """
-    events: list[SSE] = []
-    event_id: str | None = None
-    data: list[str] = []
-    seen = False
-    for line in re.split(r"\r\n|\r|\n", body.decode()):
-        if line == "":
-            if seen:
-                events.append(SSE(event_id, "\n".join(data)))
-            event_id, data, seen = None, [], False
-            continue
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "id":
-            event_id, seen = value, True
-        elif field == "data":
-            data.append(value)
-            seen = True
-    return events
+async def sse_events(answer: httpx.Response) -> list[SSE]:
+    """The events of a whole SSE response (read already or not), as the demo client parses them."""
+    return await SSEStream(answer).rest()
 
 
 def call_with_id(request_id: Any, tool: str = "progress", arguments: Any = None) -> bytes:
@@ -579,7 +558,7 @@ async def resume(http: httpx.AsyncClient, client: McpClient, last_event_id: str 
     headers = client._headers(**{"accept": "text/event-stream", "last-event-id": last_event_id})
     answer = await http.get("/mcp", headers=headers)
     assert answer.status_code == 200
-    return sse_events(answer.content)
+    return await sse_events(answer)
 
 
 async def still_answers(client: McpClient) -> None:
@@ -623,7 +602,7 @@ async def test_a_hostile_request_id_is_answered_on_its_own_stream_or_refused_and
         assert "data:" not in answer.text
     else:
         assert answer.status_code == 200
-        events = sse_events(answer.content)
+        events = await sse_events(answer)
         (reply,) = [e.message for e in data_events(events)]
         assert reply is not None and reply["id"] == request_id
         assert reply["result"]["content"][0]["text"] == "sent 1"
@@ -644,7 +623,7 @@ async def test_a_request_id_repeating_an_earlier_ones_text_stays_in_its_own_sess
         await answer.aread()
     finally:
         await answer.aclose()
-    events = sse_events(answer.content)
+    events = await sse_events(answer)
     (reply,) = [e.message for e in data_events(events)]
     assert reply is not None and reply["id"] == "1"
     assert data_events(await resume(peers.http, evil, events[0].id)) in ([], data_events(events))
@@ -684,7 +663,7 @@ async def test_a_request_id_naming_the_standalone_stream_stays_in_its_own_sessio
     finally:
         await answer.aclose()
     assert answer.status_code == 200
-    (reply,) = [e.message for e in data_events(sse_events(answer.content))]
+    (reply,) = [e.message for e in data_events(await sse_events(answer))]
     assert reply is not None and reply["id"] == "_GET_stream"
     stored = {key for key, stream, _ in peers.recorder.stored if stream == "_GET_stream"}
     assert stored == {evil.session_id}
@@ -712,7 +691,7 @@ async def test_a_10_mb_tool_result_resumes_exactly_over_http(store: PostgresEven
             await answer.aread()
         finally:
             await answer.aclose()
-        live = sse_events(answer.content)
+        live = await sse_events(answer)
         replayed = await resume(http, client, live[0].id)
     assert data_events(replayed) == data_events(live)
     (reply,) = [e.message for e in data_events(replayed)]
