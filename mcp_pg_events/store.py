@@ -264,7 +264,8 @@ class PostgresEventStore(EventStore):
 
     async def end_session(self, key: str) -> None:
         """Mark the session ``key`` ended: retention deletes its events after its ended-session grace."""
-        await self._query(END_SESSION, key)
+        if _valid_session_key(key):  # no session can have any other key
+            await self._query(END_SESSION, key)
 
     @property
     def live_tail(self) -> LiveTail:
