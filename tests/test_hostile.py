@@ -697,3 +697,12 @@ async def test_a_10_mb_tool_result_resumes_exactly_over_http(store: PostgresEven
     (reply,) = [e.message for e in data_events(replayed)]
     assert reply is not None and reply["id"] == 2
     assert reply["result"]["content"][0]["text"] == blob
+
+
+@pytest.mark.parametrize("key", ["a\x00b", "a\ud800", "", "k" * (MAX_SESSION_KEY_LENGTH + 1)])
+async def test_ending_a_session_by_a_key_no_session_can_have_ends_nothing(
+    store: PostgresEventStore, admin: asyncpg.Connection, key: str
+) -> None:
+    await store.session("s").store_event("1", progress(0))
+    await store.end_session(key)
+    assert await admin.fetchval("SELECT count(*) FROM mcp_events_sessions WHERE ended_at IS NOT NULL") == 0
