@@ -5,6 +5,12 @@
 --
 --   psql "$OWNER_DSN" -v runtime_role=app -v retention_role=app_retention -f grants.sql
 --
+-- Without psql: this file is plain SQL except for the \set line below and the
+-- two variables. Drop the line, write each role's name, double-quoted, in place
+-- of :"runtime_role" and :"retention_role", and run the rest in any client:
+--
+--   sed -e '/^\\/d' -e 's/:"runtime_role"/"app"/g' -e 's/:"retention_role"/"app_retention"/g' grants.sql
+--
 -- runtime_role:   the MCP server (PostgresEventStore).
 -- retention_role: whoever runs `mcp-pg-events retention`, or schedules
 --                 `CALL mcp_events_retention(...)` with pg_cron (a job runs as
@@ -27,6 +33,10 @@ GRANT USAGE ON SEQUENCE mcp_events_seq TO :"runtime_role";
 GRANT SELECT ON mcp_events_alembic_version TO :"runtime_role";
 -- An append that finds no partition creates it and retries.
 GRANT EXECUTE ON FUNCTION mcp_events_ensure_partitions TO :"runtime_role";
+-- PostgreSQL lets PUBLIC execute a new function: only these two roles (and the
+-- owner) may create partitions. The retention functions are revoked from PUBLIC
+-- by their migration already.
+REVOKE EXECUTE ON FUNCTION mcp_events_ensure_partitions FROM PUBLIC;
 
 -- Retention: delete expired events, then the streams and sessions left empty
 -- (UPDATE: it locks a stream or session row before removing it, so that an

@@ -10,12 +10,9 @@ import asyncio
 import os
 import signal
 import sys
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -36,7 +33,6 @@ from .test_contract import Recorder
 
 HOUR = timedelta(hours=1)
 OLD = timedelta(hours=2)
-GRANTS = Path(__file__).resolve().parent.parent / "migrations" / "grants.sql"
 
 
 def message(i: int) -> Any:
@@ -653,55 +649,6 @@ async def test_loop_runs_until_sigterm(dsn: str) -> None:
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, err
     assert b"running retention every 1h" in err and err.rstrip().endswith(b"stopped")
-
-
-# --- the grants for roles without DDL rights -----------------------------------------------------
-
-
-def as_role(dsn: str, role: str) -> str:
-    parts = urlsplit(dsn)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{role}@{host}"))
-
-
-async def test_the_documented_grants_are_enough_and_no_more(
-    server_dsn: str, dsn: str, admin: asyncpg.Connection
-) -> None:
-    runtime, retention = f"mcp_events_rt_{uuid.uuid4().hex[:8]}", f"mcp_events_rn_{uuid.uuid4().hex[:8]}"
-    script = GRANTS.read_text()
-    script = "\n".join(line for line in script.splitlines() if not line.startswith("\\"))
-    script = script.replace(':"runtime_role"', f'"{runtime}"').replace(':"retention_role"', f'"{retention}"')
-    await admin.execute(f'CREATE ROLE "{runtime}" LOGIN; CREATE ROLE "{retention}" LOGIN')
-    try:
-        await admin.execute(script)
-        await tiny_partitions(admin)
-        async with await PostgresEventStore.connect(as_role(dsn, runtime), retry_deadline=5) as store:
-            view = store.session("s")
-            ids = [await view.store_event("1", message(i)) for i in range(25)]  # creates partitions
-            assert await replay(view, ids[0]) == ("1", [message(i) for i in range(1, 25)])
-            runtime_conn = await asyncpg.connect(as_role(dsn, runtime))
-            try:
-                await end_session(runtime_conn, "s")
-                with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                    await runtime_conn.execute("DELETE FROM mcp_events_events")
-                with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                    await runtime_conn.execute("CALL mcp_events_retention(interval '0')")
-            finally:
-                await runtime_conn.close()
-        await age(admin, ids[:22])
-        await admin.execute("UPDATE mcp_events_sessions SET ended_at = NULL")
-        report = await run_retention(as_role(dsn, retention), ttl=HOUR)
-        assert report.complete and report.partitions_dropped == 2 and report.rows_deleted == 2
-        assert report.rolled_over_to == 31
-        retention_conn = await asyncpg.connect(as_role(dsn, retention))
-        try:
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await retention_conn.execute("DROP TABLE mcp_events_events_p21")
-        finally:
-            await retention_conn.close()
-    finally:
-        for role in (runtime, retention):
-            await admin.execute(f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')
 
 
 # --- small parts -------------------------------------------------------------------------------
