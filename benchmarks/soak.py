@@ -218,10 +218,9 @@ class Soak:
 
     async def start_writer(self) -> None:
         self._session_no += 1
-        self._writer = await WriterProcess.start(
-            self.dsn, f"soak-proc-{self._session_no}", "p", ["1", "2", "3", "4"], pace=PACE
-        )
-        self._writer_key = f"soak-proc-{self._session_no}"
+        # Named before the await: the session slots take numbers meanwhile.
+        self._writer_key = key = f"soak-proc-{self._session_no}"
+        self._writer = await WriterProcess.start(self.dsn, key, "p", ["1", "2", "3", "4"], pace=PACE)
         await self._writer.go()
         self._writer_started = self._loop.time()
 
