@@ -371,15 +371,20 @@ class Soak:
             asyncio.create_task(self.progress(began)),
         ]
         slots = [asyncio.create_task(self.session_slot()) for _ in range(SESSIONS)]
-        await self.fault_ticks(fault_every, duration)
-        await asyncio.sleep(max(0.0, began + duration - self._loop.time()))
-        self._stop.set()
-        log("  winding down: the live sessions finish and are checked")
-        await asyncio.wait_for(asyncio.gather(*slots), 180)
-        await self.kill_writer(replace=False)
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        try:
+            await self.fault_ticks(fault_every, duration)
+            await asyncio.sleep(max(0.0, began + duration - self._loop.time()))
+            self._stop.set()
+            log("  winding down: the live sessions finish and are checked")
+            await asyncio.wait_for(asyncio.gather(*slots), 180)
+            await self.kill_writer(replace=False)
+        finally:
+            # Also on Ctrl-C or a failure: nothing may use the store once it closes.
+            for task in [*background, *slots]:
+                task.cancel()
+            await asyncio.gather(*background, *slots, return_exceptions=True)
+            if self._writer is not None and self._writer.process.returncode is None:
+                await self._writer.kill()
 
 
 @asynccontextmanager
