@@ -27,6 +27,7 @@ import pytest
 
 from mcp_pg_events import PostgresEventStore, migrate
 
+from .deployments import deployment  # noqa: F401 - a fixture, for every test module
 from .proxy import FlakyProxy
 
 TEST_DSN_ENV = "MCP_PG_EVENTS_TEST_DSN"

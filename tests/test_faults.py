@@ -28,11 +28,11 @@ from mcp_pg_events.live import LISTENER_NAME
 from mcp_pg_events.wakeups import CHANNEL
 
 from .conftest import with_database
+from .deployments import Deployment
 from .mcp_http import progress_values
 from .messages import notification, response
 from .own_server import OwnServer, start_own_server
 from .test_live import collect
-from .test_retention import as_role
 from .writer_process import Ack, WriterProcess
 
 Target = tuple[str, str]  # (session, stream)
@@ -413,28 +413,22 @@ async def test_a_stuck_listener_a_flood_and_a_killed_listener_stall_no_append_an
 
 
 async def test_appends_succeed_and_subscribers_catch_up_when_every_notify_fails(
-    dsn: str, admin: asyncpg.Connection
+    deployment: Deployment, empty_dsn: str
 ) -> None:
-    # NOTIFY fails at commit when the queue is full; here it fails because the role
-    # may not call pg_notify (only in this test's database). Same outcome for us.
-    role = f"mcp_events_nonotify_{uuid.uuid4().hex[:8]}"
-    await admin.execute(
-        f'CREATE ROLE "{role}" LOGIN; '
-        f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"; '
-        f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"; '
-        "REVOKE EXECUTE ON FUNCTION pg_notify(text, text) FROM PUBLIC"
-    )
+    # NOTIFY fails at commit when the queue is full; here it fails because nobody may
+    # call pg_notify in this test's database. The store runs as the least-privileged
+    # role of the docs, as in production.
+    admin = await asyncpg.connect(empty_dsn)
     try:
-        role_dsn = as_role(dsn, role)
-        refused = await asyncpg.connect(role_dsn)
+        await admin.execute("REVOKE EXECUTE ON FUNCTION pg_notify(text, text) FROM PUBLIC")
+    finally:
+        await admin.close()
+    async with deployment.connect(deployment.runtime) as refused:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await refused.execute("SELECT pg_notify($1, '1')", CHANNEL)
-        await refused.close()
-        async with await PostgresEventStore.connect(role_dsn, poll_interval=0.2) as store:
-            load = StreamLoad(store, sessions=3)
-            await load.start()
-            await load.wait_for_more_acks(300)
-            await load.finish()
-    finally:
-        await admin.execute(f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')
+    async with deployment.store(poll_interval=0.2) as store:
+        load = StreamLoad(store, sessions=3)
+        await load.start()
+        await load.wait_for_more_acks(300)
+        await load.finish()
     print(f"\nwithout a single wake-up: appends {percentiles([s for _, s in load.latencies])}")

@@ -13,7 +13,6 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -650,13 +649,6 @@ async def test_loop_runs_until_sigterm(dsn: str) -> None:
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, err
     assert b"running retention every 1h" in err and err.rstrip().endswith(b"stopped")
-
-
-def as_role(dsn: str, role: str) -> str:
-    """``dsn`` logging in as ``role`` (no password: for servers that trust local roles)."""
-    parts = urlsplit(dsn)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{role}@{host}"))
 
 
 # --- small parts -------------------------------------------------------------------------------
