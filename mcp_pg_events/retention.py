@@ -32,6 +32,9 @@ from .schema import check_schema
 DEFAULT_TTL = timedelta(days=1)
 DEFAULT_BATCH_SIZE = 2_000
 DEFAULT_PARTITIONS_AHEAD = 2
+# Roles other than the tables' owner may ask for at most 100 partitions ahead
+# (migration 0003), and a roll-over asks for one more than this.
+MAX_PARTITIONS_AHEAD = 99
 DEFAULT_LOCK_TIMEOUT = timedelta(seconds=1)
 
 
@@ -224,8 +227,10 @@ async def run_retention(
     """
     if batch_size < 1:
         raise ConfigurationError(f"batch_size must be at least 1, got {batch_size}")
-    if partitions_ahead < 1:
-        raise ConfigurationError(f"partitions_ahead must be at least 1, got {partitions_ahead}")
+    if not 1 <= partitions_ahead <= MAX_PARTITIONS_AHEAD:
+        raise ConfigurationError(
+            f"partitions_ahead must be between 1 and {MAX_PARTITIONS_AHEAD}, got {partitions_ahead}"
+        )
     for name, value in (("ttl", ttl), ("ended_grace", ended_grace), ("partition_max_age", partition_max_age)):
         if value is not None and value < timedelta(0):
             raise ConfigurationError(f"{name} must not be negative, got -{format_duration(-value)}")

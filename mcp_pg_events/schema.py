@@ -34,7 +34,7 @@ from .sql import SCHEMA_VERSION
 
 PREFIX = "mcp_events_"
 # The alembic revision this code needs; a test checks it is the migrations' head.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 VERSION_TABLE = "mcp_events_alembic_version"
 
 NOT_MIGRATED = (

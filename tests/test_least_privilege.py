@@ -290,3 +290,21 @@ async def test_grants_sql_grants_the_same_with_psql_and_without(deployment: Depl
     with_psql = {(renamed[g], o, p) for g, o, p in granted if g in renamed}
     without_psql = {(g, o, p) for g, o, p in granted if g in (runtime, retention)}
     assert with_psql and with_psql == without_psql
+
+
+async def test_only_the_owner_may_choose_the_partition_width_or_create_many_partitions_ahead(
+    deployment: Deployment,
+) -> None:
+    for ahead, role in enumerate((deployment.runtime, deployment.retention), start=3):
+        async with deployment.connect(role) as conn:
+            assert await conn.fetchval("SELECT mcp_events_ensure_partitions($1)", ahead) == 1
+            for call in (
+                "SELECT mcp_events_ensure_partitions(2, 1)",  # a million partitions of one row each
+                "SELECT mcp_events_ensure_partitions(101)",
+                "SELECT mcp_events_create_partitions(2, NULL)",  # the body behind the check
+            ):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetchval(call)
+    async with deployment.connect(deployment.owner) as owner:
+        assert await owner.fetchval("SELECT mcp_events_ensure_partitions(2, 5)") == 0  # enough ahead
+        assert await owner.fetchval("SELECT mcp_events_ensure_partitions(150)") == 150 - 4
