@@ -23,6 +23,7 @@ import uvicorn
 from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
 
 from .integration import scope_sessions
+from .messages import dump_message
 
 try:  # mcp 2.x
     from mcp.server.mcpserver import Context  # type: ignore[import-not-found, unused-ignore]
@@ -260,11 +261,7 @@ class RecordingStore:
         await asyncio.wait_for(wait(), timeout)
 
     def record(self, key: str, stream_id: str, message: Any) -> None:
-        data = (
-            None
-            if message is None
-            else json.loads(message.model_dump_json(by_alias=True, exclude_unset=True))
-        )
+        data = None if message is None else json.loads(dump_message(message))
         self.stored.append((key, stream_id, data))
         self._changed.set()
 

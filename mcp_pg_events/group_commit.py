@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 
 from . import sql
-from .errors import SchemaNotReadyError, StoreUnavailableError
+from .errors import SchemaNotReadyError
 from .retry import Backoff, is_transient
 from .schema import EVENTS, NOT_MIGRATED, not_migrated
 from .wakeups import Notifier
@@ -240,7 +240,7 @@ class GroupCommitWriter:
                 if repairs < 3 and no_partition(exc):
                     # Partition maintenance is late: create what the sequence needs, retry.
                     repairs += 1
-                    await self._ensure_partitions()
+                    await self._pool.fetchval(sql.ENSURE_PARTITIONS)
                     continue
                 if repairs < 3 and isinstance(exc, asyncpg.ForeignKeyViolationError):
                     repairs += 1
@@ -261,11 +261,7 @@ class GroupCommitWriter:
                 logger.warning("store_event: transient database error, retrying: %r", exc)
                 backoff = backoff or Backoff(self._retry_deadline)
                 if not await backoff.wait():
-                    error = StoreUnavailableError(
-                        f"event not stored: database unavailable for {self._retry_deadline:.1f}s "
-                        f"({backoff.attempts} attempts): {exc}"
-                    )
-                    self._fail(batch, error, exc)
+                    self._fail(batch, backoff.gave_up(exc, "event not stored: "), exc)
                     return
                 continue
             for item in batch:
@@ -282,9 +278,6 @@ class GroupCommitWriter:
         for item in batch:
             if not item.future.done():
                 item.future.set_exception(error)
-
-    async def _ensure_partitions(self) -> None:
-        await self._pool.fetchval(sql.ENSURE_PARTITIONS)
 
     async def _drop_gone_streams(self, batch: list[_Append]) -> list[_Append]:
         """Fail the appends whose stream row is gone (their callers resolve it again); keep the rest."""

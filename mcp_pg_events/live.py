@@ -171,7 +171,11 @@ class Subscription:
         self._wake()
 
     def _fail(self, error: BaseException) -> None:
+        """Called by the tail's fetch task only: the reader gets ``error``; the tail forgets it."""
         self._error = error
+        if self._tail is not None:
+            self._tail.remove(self)
+            self._tail = None
         self._wake()
 
 
@@ -295,8 +299,9 @@ class LiveTail:
     async def _fetch_loop(self) -> None:
         while True:
             await self._due_event.wait()
-            self._due_event.clear()
+            # Before the clear: marking from the payloads sets the event again.
             self._read_payloads()
+            self._due_event.clear()
             while self._due:
                 batch: list[Subscription] = []
                 while self._due and len(batch) < self._fetch_batch:
@@ -314,10 +319,9 @@ class LiveTail:
                         logger.exception("live tail: delivery failed")
                         for sub in batch:
                             sub._fail(exc)
-                            self.remove(sub)
 
     async def _fetch(self, batch: list[Subscription]) -> None:
-        backoff = Backoff(self._retry_deadline)
+        backoff: Backoff | None = None
         while True:
             try:
                 rows = await self._pool.fetch(
@@ -328,8 +332,10 @@ class LiveTail:
                 )
                 break
             except Exception as exc:
-                if is_transient(exc) and await backoff.wait():
-                    continue
+                if is_transient(exc):
+                    backoff = backoff or Backoff(self._retry_deadline)
+                    if await backoff.wait():
+                        continue
                 logger.warning("live tail: catch-up query failed: %r", exc)
                 for sub in batch:
                     sub._fail(exc)
@@ -337,8 +343,8 @@ class LiveTail:
         by_index: dict[int, list[asyncpg.Record]] = {}
         for row in rows:
             by_index.setdefault(row[0], []).append(row)
-        # One decode per row, however many readers.
-        decoded: dict[tuple[int, int], tuple[Any, str | None]] = {}
+        # One decode per row, however many readers. A seq is unique across streams.
+        decoded: dict[int, tuple[Any, str | None]] = {}
         for index, sub in enumerate(batch, start=1):
             sub_rows = by_index.get(index)
             if not sub_rows:
@@ -348,17 +354,15 @@ class LiveTail:
             for _, seq, data in sub_rows:
                 if data is None:  # a priming row: a cursor, never delivered
                     continue
-                known = decoded.get((sub.stream_key, seq))
+                known = decoded.get(seq)
                 if known is None:
                     try:
                         message = load_message(data)
                     except ValueError as exc:  # a row that will not decode: this stream only
                         logger.error("live tail: event %s of stream %s does not decode", seq, sub.stream_key)
                         sub._fail(exc)
-                        self.remove(sub)
-                        sub._tail = None
                         break
-                    known = decoded[sub.stream_key, seq] = (message, answered_request(message))
+                    known = decoded[seq] = (message, answered_request(message))
                 message, answers = known
                 events.append(EventMessage(message, format_event_id(sub.stream_key, seq, sub.tag)))
                 if ends_stream(answers, sub.stream_name):

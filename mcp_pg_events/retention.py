@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from . import sql
 from .config import redact, resolve_dsn
 from .errors import ConfigurationError, StoreUnavailableError
 from .schema import check_schema
@@ -51,12 +52,6 @@ CALL mcp_events_retention(
     partitions_ahead => $5, lock_timeout => $6, dry_run => $7
 )
 """
-
-# Mark a session ended: retention then treats its events as expired once the
-# grace period has passed, whatever their age. The first end counts; ending
-# again does not push it back.
-# $1 session key
-END_SESSION = "UPDATE mcp_events_sessions SET ended_at = now() WHERE key = $1 AND ended_at IS NULL"
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
@@ -279,4 +274,4 @@ async def end_session(target: asyncpg.Pool[Any] | _Conn, session_key: str) -> No
     Retention then deletes its events once ``ended_grace`` has passed, whatever
     the TTL. Appending to an ended session still works, but those events go too.
     """
-    await target.execute(END_SESSION, session_key)
+    await target.execute(sql.END_SESSION, session_key)

@@ -12,6 +12,8 @@ import random
 
 import asyncpg
 
+from .errors import StoreUnavailableError
+
 _TRANSIENT_SERVER_ERRORS = (
     asyncpg.PostgresConnectionError,  # class 08
     asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, restart, cancel
@@ -43,6 +45,7 @@ class Backoff:
     def __init__(self, deadline: float, *, first: float = 0.02, cap: float = 1.0) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._seconds = deadline
         self._deadline = loop.time() + deadline
         self._delay = first
         self._cap = cap
@@ -57,3 +60,11 @@ class Backoff:
         await asyncio.sleep(min(remaining, random.uniform(0, self._delay)))  # noqa: S311 - jitter, not crypto
         self._delay = min(self._cap, self._delay * 2)
         return True
+
+    def gave_up(self, exc: BaseException, what: str = "") -> StoreUnavailableError:
+        """The error once ``wait()`` said no: for how long, how many tries, the last error."""
+        error = StoreUnavailableError(
+            f"{what}database unavailable for {self._seconds:.1f}s ({self.attempts} attempts): {exc}"
+        )
+        error.__cause__ = exc
+        return error

@@ -51,6 +51,12 @@ CROSS JOIN LATERAL (
 ) AS e
 """
 
+# Mark a session ended: retention then treats its events as expired once the
+# grace period has passed, whatever their age. The first end counts; ending
+# again does not push it back.
+# $1 session key
+END_SESSION = "UPDATE mcp_events_sessions SET ended_at = now() WHERE key = $1 AND ended_at IS NULL"
+
 # Which of these streams still exist (retention removes empty ones).
 # $1 stream keys
 EXISTING_STREAMS = "SELECT id FROM mcp_events_streams WHERE id = ANY($1::bigint[])"

@@ -31,7 +31,6 @@ from .event_ids import EventRef, format_event_id, new_tag, parse_event_id
 from .group_commit import GroupCommitWriter, StreamGoneError
 from .live import LiveTail, Subscription, ends_stream
 from .messages import answered_request, dump_message, load_message, load_messages
-from .retention import END_SESSION
 from .retry import Backoff, is_transient
 from .schema import NOT_MIGRATED, check_schema, not_migrated
 from .wakeups import Notifier
@@ -265,7 +264,7 @@ class PostgresEventStore(EventStore):
     async def end_session(self, key: str) -> None:
         """Mark the session ``key`` ended: retention deletes its events after its ended-session grace."""
         if _valid_session_key(key):  # no session can have any other key
-            await self._query(END_SESSION, key)
+            await self._query(sql.END_SESSION, key)
 
     @property
     def live_tail(self) -> LiveTail:
@@ -285,7 +284,7 @@ class PostgresEventStore(EventStore):
         for _ in range(3):
             if stream.key is None:
                 name = _encode_stream_id(stream_id)
-                row = await self._query(sql.UPSERT_STREAM, session_key, name, new_tag(), one="row")
+                row = await self._query(sql.UPSERT_STREAM, session_key, name, new_tag(), row=True)
                 stream.key, stream.tag, stream.last_seq = row["id"], row["tag"], row["last_seq"] or 0
             assert stream.key is not None
             try:
@@ -304,7 +303,7 @@ class PostgresEventStore(EventStore):
         if ref is None:
             logger.debug("replay: %r is not an event id of this store", last_event_id[:80])
             return None
-        row = await self._query(sql.CURSOR_STREAM, ref.stream_key, ref.seq, ref.tag, session_key, one="row")
+        row = await self._query(sql.CURSOR_STREAM, ref.stream_key, ref.seq, ref.tag, session_key, row=True)
         if row is None:
             logger.debug("replay: cursor %s is unknown, expired or not this session's", last_event_id)
             return None
@@ -353,12 +352,12 @@ class PostgresEventStore(EventStore):
 
         return Subscription(open_cursor)
 
-    async def _query(self, query: str, *args: Any, one: str = "") -> Any:
+    async def _query(self, query: str, *args: Any, row: bool = False) -> Any:
         """Run a read (or an idempotent upsert), retrying transient errors up to the deadline."""
         backoff: Backoff | None = None
         while True:
             try:
-                if one == "row":
+                if row:
                     return await self._pool.fetchrow(query, *args)
                 return await self._pool.fetch(query, *args)
             except Exception as exc:
@@ -368,10 +367,7 @@ class PostgresEventStore(EventStore):
                     raise
                 backoff = backoff or Backoff(self.retry_deadline)
                 if not await backoff.wait():
-                    raise StoreUnavailableError(
-                        f"database unavailable for {self.retry_deadline:.1f}s "
-                        f"({backoff.attempts} attempts): {exc}"
-                    ) from exc
+                    raise backoff.gave_up(exc) from exc
 
 
 _UNSCOPED = (
