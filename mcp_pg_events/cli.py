@@ -20,6 +20,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from .config import DSN_ENV, FALLBACK_DSN_ENV, redact, resolve_dsn
 from .embedded import DATA_ENV, default_data_dir, embedded_postgres
 from .errors import ConfigurationError, McpPgEventsError
+from .retention import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LOCK_TIMEOUT,
+    DEFAULT_PARTITIONS_AHEAD,
+    DEFAULT_TTL,
+    MAX_PARTITIONS_AHEAD,
+    format_duration,
+    parse_duration,
+    run_retention,
+)
 from .schema import SCHEMA_REVISION
 
 
@@ -45,8 +55,6 @@ def _option(
 
 
 def _duration(text: str) -> timedelta:
-    from .retention import parse_duration
-
     try:
         return parse_duration(text)
     except ValueError as exc:
@@ -128,7 +136,14 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     _dsn_option(retention)
-    _option(retention, "--ttl", "MCP_PG_EVENTS_TTL", "1d", "events older than this go", _duration)
+    _option(
+        retention,
+        "--ttl",
+        "MCP_PG_EVENTS_TTL",
+        format_duration(DEFAULT_TTL),
+        "events older than this go",
+        _duration,
+    )
     _switch(retention, "--dry-run", "MCP_PG_EVENTS_DRY_RUN", "print what would go and change nothing")
     _switch(retention, "--loop", "MCP_PG_EVENTS_LOOP", "keep running, once every --interval (a sidecar)")
     _option(retention, "--interval", "MCP_PG_EVENTS_INTERVAL", "5m", "time between --loop runs", _duration)
@@ -136,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         retention,
         "--batch-size",
         "MCP_PG_EVENTS_BATCH_SIZE",
-        2_000,
+        DEFAULT_BATCH_SIZE,
         "events deleted per transaction",
         _positive_int,
     )
@@ -144,8 +159,8 @@ def _parser() -> argparse.ArgumentParser:
         retention,
         "--partitions-ahead",
         "MCP_PG_EVENTS_PARTITIONS_AHEAD",
-        2,
-        "partitions kept ready above the sequence",
+        DEFAULT_PARTITIONS_AHEAD,
+        f"partitions kept ready above the sequence (at most {MAX_PARTITIONS_AHEAD})",
         _positive_int,
     )
     _option(
@@ -170,9 +185,9 @@ def _parser() -> argparse.ArgumentParser:
         retention,
         "--lock-timeout",
         "MCP_PG_EVENTS_LOCK_TIMEOUT",
-        "1s",
-        "how long a detach or drop may wait for its lock (appends wait behind it) before leaving it "
-        "to the next run",
+        format_duration(DEFAULT_LOCK_TIMEOUT),
+        "how long a detach, drop or roll-over may wait for its lock (appends wait behind it) before "
+        "leaving it to the next run",
         _duration,
     )
     return parser
@@ -230,7 +245,6 @@ def _retention(args: argparse.Namespace) -> int:
 
 
 async def _retention_async(dsn: str, args: argparse.Namespace) -> int:
-    from .retention import format_duration, run_retention
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from . import sql
-from .config import redact, resolve_dsn
-from .errors import ConfigurationError, StoreUnavailableError
+from .config import connection_error, resolve_dsn
+from .errors import ConfigurationError
 from .schema import check_schema
 
 DEFAULT_TTL = timedelta(days=1)
@@ -171,10 +171,9 @@ async def _connection(target: asyncpg.Pool[Any] | str | None) -> AsyncIterator[_
     dsn = resolve_dsn(target)
     try:
         conn = await asyncpg.connect(dsn)
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise StoreUnavailableError(f"cannot reach the database at {redact(dsn)}: {exc}") from exc
-    except ValueError as exc:
-        raise ConfigurationError(f"cannot connect to {redact(dsn)}: {exc}") from exc
+    except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        # A PostgresError (a bad login, say) is left as it is: --loop retries it.
+        raise connection_error(dsn, exc) from exc
     try:
         yield conn
     finally:

@@ -19,7 +19,7 @@ import asyncpg
 from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
 
 from . import sql
-from .config import redact, resolve_dsn
+from .config import connection_error, resolve_dsn
 from .errors import (
     ConfigurationError,
     SchemaNotReadyError,
@@ -210,10 +210,14 @@ class PostgresEventStore(EventStore):
             pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
                 dsn, min_size=min_pool_size, max_size=max_pool_size, reset=keep_session_state
             )
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise StoreUnavailableError(f"cannot reach the database at {redact(dsn)}: {exc}") from exc
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
-            raise ConfigurationError(f"cannot connect to {redact(dsn)}: {exc}") from exc
+        except (
+            OSError,
+            asyncio.TimeoutError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            ValueError,
+        ) as exc:
+            raise connection_error(dsn, exc) from exc
         try:
             store = cls(pool, listen_dsn=(listen_dsn or dsn) if listen else None, **options)
             store._owns_pool = True
