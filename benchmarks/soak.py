@@ -263,8 +263,8 @@ class Soak:
                 done = await run_retention(
                     self.dsn,
                     ttl=TTL,
-                    ended_grace=timedelta(seconds=5),
-                    partition_max_age=timedelta(seconds=30),
+                    ended_grace=ENDED_GRACE,
+                    partition_max_age=PARTITION_MAX_AGE,
                 )
             except Exception as exc:  # a fault may hit it: the next run finishes its work
                 log(f"  retention run failed ({exc!r}); the next one carries on")
