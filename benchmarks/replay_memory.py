@@ -17,11 +17,10 @@ and dropped afterwards.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
 
-from _common import DEFAULT_DSN, fill, log, measure_replay, run, scratch_database
+from _common import DEFAULT_DSN, fill, log, measure_replay, report, run, scratch_database
 
 from mcp_pg_events import PostgresEventStore
 
@@ -45,6 +44,16 @@ async def run_all(dsn: str, events: int, batches: list[int]) -> list[dict[str, A
         return results
 
 
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        f"replay of one stream of {results['events']:,} events (~200-byte messages)",
+        f"{'page rows':>9}  {'events/s':>9}  {'seconds':>7}  {'peak Python memory':>18}",
+    ]
+    for r in results["results"]:
+        lines.append(f"{r['batch']:>9}  {r['events_per_s']:>9,}  {r['seconds']:>7}  {r['peak_kib']:>14,} KiB")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--dsn", default=os.environ.get("MCP_PG_EVENTS_DSN", DEFAULT_DSN))
@@ -61,13 +70,7 @@ def main() -> None:
         args.events, args.batch = 2_000, [500]
     batches = args.batch or [100, 500, 2000]
     results = run(run_all(args.dsn, args.events, batches))
-    print(f"replay of one stream of {args.events:,} events (~200-byte messages)")
-    print(f"{'page rows':>9}  {'events/s':>9}  {'seconds':>7}  {'peak Python memory':>18}")
-    for r in results:
-        print(f"{r['batch']:>9}  {r['events_per_s']:>9,}  {r['seconds']:>7}  {r['peak_kib']:>14,} KiB")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"events": args.events, "results": results}, out, indent=2)
+    report({"events": args.events, "results": results}, render, args.json)
 
 
 if __name__ == "__main__":
