@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
+import inspect
 import json
+import math
 import os
 import platform
 import subprocess
@@ -37,6 +39,25 @@ BULK_CHUNK = 100_000
 
 T = TypeVar("T")
 
+try:  # mcp 2.x: messages are plain pydantic models
+    import mcp_types
+
+    def progress_notification(token: str, progress: int, text: str) -> Any:
+        """A ``notifications/progress`` message as the SDK hands it to the store."""
+        params = {"progressToken": token, "progress": progress, "total": 10**6, "message": text}
+        return mcp_types.JSONRPCNotification(jsonrpc="2.0", method="notifications/progress", params=params)
+
+except ImportError:  # mcp 1.x: the SDK hands the store every message wrapped in the RootModel
+    from mcp.types import JSONRPCMessage, JSONRPCNotification
+
+    def progress_notification(token: str, progress: int, text: str) -> Any:
+        """A ``notifications/progress`` message as the SDK hands it to the store."""
+        params = {"progressToken": token, "progress": progress, "total": 10**6, "message": text}
+        return JSONRPCMessage(
+            JSONRPCNotification(jsonrpc="2.0", method="notifications/progress", params=params)
+        )
+
+
 # Scratch databases created and not yet dropped, with the DSN to drop them from.
 _undropped: dict[str, str] = {}
 
@@ -59,14 +80,19 @@ def payload(i: int) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode()
 
 
+async def execute(dsn: str, query: str, *args: Any) -> None:
+    """Run one statement on a connection of its own."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(query, *args)
+    finally:
+        await conn.close()
+
+
 async def _drop(admin_dsn: str, name: str) -> None:
     # A fresh connection: the one that created the database may have been
     # interrupted mid-statement by Ctrl-C.
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await execute(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     _undropped.pop(name, None)
 
 
@@ -74,11 +100,7 @@ async def _drop(admin_dsn: str, name: str) -> None:
 async def scratch_database(dsn: str) -> AsyncIterator[str]:
     """A new database on the server of ``dsn``, migrated to head; dropped on the way out."""
     name = f"mcp_events_bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
+    await execute(dsn, f'CREATE DATABASE "{name}"')
     _undropped[name] = dsn
     try:
         bench_dsn = with_database(dsn, name)
@@ -169,6 +191,32 @@ async def measure_replay(view: EventStore, cursor: str, events: int, stream: str
     finally:
         tracemalloc.stop()
     return {"events_per_s": round(events / elapsed), "seconds": round(elapsed, 2), "peak_kib": peak // 1024}
+
+
+def latency_summary(latencies: list[float]) -> dict[str, float]:
+    """p50, p99 and max in ms (nearest rank)."""
+    if not latencies:
+        return {"p50_ms": math.nan, "p99_ms": math.nan, "max_ms": math.nan}
+    ordered = sorted(latencies)
+
+    def rank(q: float) -> float:
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1000
+
+    return {
+        "p50_ms": round(rank(0.50), 3),
+        "p99_ms": round(rank(0.99), 3),
+        "max_ms": round(ordered[-1] * 1000, 3),
+    }
+
+
+def store_default(name: str) -> Any:
+    """A default of ``PostgresEventStore``, so that a benchmark follows the store."""
+    return inspect.signature(PostgresEventStore.__init__).parameters[name].default
+
+
+def default_pool_size() -> int:
+    """The pool ``PostgresEventStore.connect()`` opens by default, so a benchmark follows the store."""
+    return int(inspect.signature(PostgresEventStore.connect).parameters["max_pool_size"].default)
 
 
 def int_list(text: str) -> list[int]:

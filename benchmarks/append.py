@@ -34,10 +34,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import inspect
 import json
 import logging
-import math
 import os
 import pstats
 import statistics
@@ -57,13 +55,17 @@ import httpx
 from _common import (
     DEFAULT_DSN,
     bulk_append,
+    default_pool_size,
     describe_environment,
     environment,
+    execute,
     fill,
     int_list,
+    latency_summary,
     log,
     measure_replay,
     parts_of,
+    progress_notification,
     report,
     run,
     scratch_database,
@@ -74,32 +76,10 @@ from mcp.server.streamable_http import EventCallback, EventId, EventMessage, Eve
 import mcp_pg_events
 from mcp_pg_events import PostgresEventStore
 from mcp_pg_events.demo import Context, McpClient, new_server, serve, streamable_app
-
-try:  # mcp 2.x: messages are plain pydantic models
-    import mcp_types
-
-    def progress_notification(token: str, progress: int, text: str) -> Any:
-        params = {"progressToken": token, "progress": progress, "total": 10**6, "message": text}
-        return mcp_types.JSONRPCNotification(jsonrpc="2.0", method="notifications/progress", params=params)
-
-except ImportError:  # mcp 1.x: the SDK hands the store every message wrapped in the RootModel
-    from mcp.types import JSONRPCMessage, JSONRPCNotification
-
-    def progress_notification(token: str, progress: int, text: str) -> Any:
-        params = {"progressToken": token, "progress": progress, "total": 10**6, "message": text}
-        return JSONRPCMessage(
-            JSONRPCNotification(jsonrpc="2.0", method="notifications/progress", params=params)
-        )
-
-
-def dump(message: Any) -> bytes:
-    """The message's JSON as the SDK writes it (exclude_unset keeps it equal on the way back)."""
-    data: str = message.model_dump_json(by_alias=True, exclude_unset=True)
-    return data.encode()
-
+from mcp_pg_events.messages import dump_message
 
 MESSAGE_BYTES = 200
-PADDING = "x" * (MESSAGE_BYTES - len(dump(progress_notification("bench-0", 0, ""))))
+PADDING = "x" * (MESSAGE_BYTES - len(dump_message(progress_notification("bench-0", 0, ""))))
 # A report_progress text that makes the SDK's notification about MESSAGE_BYTES long too.
 E2E_TEXT = "x" * 80
 STORES = ("this store", "naive PostgreSQL", "SDK in-memory")
@@ -200,7 +180,7 @@ class NaiveEventStore(EventStore):
         self._pool = pool
 
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
-        data = None if message is None else dump(message)
+        data = None if message is None else dump_message(message)
         return str(await self._pool.fetchval(NAIVE_APPEND, stream_id, data))
 
     async def replay_events_after(
@@ -212,22 +192,6 @@ class NaiveEventStore(EventStore):
 # --- append cells ------------------------------------------------------------
 
 Write = Callable[[], Awaitable[object]]
-
-
-def latency_summary(latencies: list[float]) -> dict[str, float]:
-    """p50, p99 and max in ms (nearest rank)."""
-    if not latencies:
-        return {"p50_ms": math.nan, "p99_ms": math.nan, "max_ms": math.nan}
-    ordered = sorted(latencies)
-
-    def rank(q: float) -> float:
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1000
-
-    return {
-        "p50_ms": round(rank(0.50), 3),
-        "p99_ms": round(rank(0.99), 3),
-        "max_ms": round(ordered[-1] * 1000, 3),
-    }
 
 
 async def drive(
@@ -278,7 +242,7 @@ async def append_part(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     cells: list[dict[str, Any]] = []
     bare: dict[str, Any] = {}
-    await _exec(dsn, NAIVE_DDL)
+    await execute(dsn, NAIVE_DDL)
     naive_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size)
     try:
         async with await PostgresEventStore.connect(dsn, max_pool_size=pool_size) as store:
@@ -312,18 +276,10 @@ async def append_part(
 
 
 async def bare_insert(dsn: str, warmup: float, seconds: float) -> dict[str, Any]:
-    data = dump(progress_notification("bench-0", 0, PADDING))
+    data = dump_message(progress_notification("bench-0", 0, PADDING))
     conn = await asyncpg.connect(dsn)
     try:
         return await drive([partial(conn.fetchval, BARE_INSERT, "bare", data)], warmup, seconds)
-    finally:
-        await conn.close()
-
-
-async def _exec(dsn: str, statement: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(statement)
     finally:
         await conn.close()
 
@@ -654,17 +610,11 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def default_pool_size() -> int:
-    # What PostgresEventStore.connect() opens by default, so the comparison follows the store.
-    default = inspect.signature(PostgresEventStore.connect).parameters["max_pool_size"].default
-    return int(default)
-
-
 async def bench(args: argparse.Namespace, parts: set[str]) -> dict[str, Any]:
     results: dict[str, Any] = {
         "config": {
             **environment(),
-            "message_bytes": len(dump(progress_notification("bench-0", 0, PADDING))),
+            "message_bytes": len(dump_message(progress_notification("bench-0", 0, PADDING))),
             "pool_size": args.pool_size,
             "seconds": args.seconds,
             "warmup": args.warmup,

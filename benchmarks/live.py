@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import inspect
 import json
 import math
 import os
@@ -52,16 +51,20 @@ from typing import Any
 
 from _common import (
     DEFAULT_DSN,
+    default_pool_size,
     describe_environment,
     environment,
     int_list,
+    latency_summary,
     log,
     parts_of,
+    progress_notification,
     report,
     run,
     scratch_database,
+    store_default,
 )
-from append import drive, latency_summary, our_writes, progress_notification, table
+from append import drive, our_writes, table
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore
@@ -82,11 +85,6 @@ SETTLE = 0.5
 LATENCY_TARGET_MS = 5.0
 PARTS = ("latency", "memory", "append")
 MEMORY_TARGET_BYTES = 4096
-
-
-def store_default(name: str) -> Any:
-    """A default of ``PostgresEventStore``, so that the benchmark follows the store."""
-    return inspect.signature(PostgresEventStore.__init__).parameters[name].default
 
 
 def event_number(event: EventMessage) -> int:
@@ -849,7 +847,7 @@ def main() -> None:
     parser.add_argument(
         "--pool-size",
         type=int,
-        default=inspect.signature(PostgresEventStore.connect).parameters["max_pool_size"].default,
+        default=default_pool_size(),
         help="the subscriber store's pool (the store's default)",
     )
     parser.add_argument(

@@ -35,36 +35,32 @@ import math
 import os
 import time
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import asyncpg
-from _common import DEFAULT_DSN, log, payload, report, run, scratch_database
+from _common import (
+    DEFAULT_DSN,
+    execute,
+    latency_summary,
+    log,
+    parts_of,
+    payload,
+    progress_notification,
+    report,
+    run,
+    scratch_database,
+)
 
 from mcp_pg_events import PostgresEventStore
 from mcp_pg_events.retention import RetentionReport, format_bytes, run_retention
-
-try:  # mcp 2.x: messages are plain pydantic models
-    import mcp_types
-
-    def progress_notification(token: str, progress: int) -> Any:
-        params = {"progressToken": token, "progress": progress, "total": 10**6, "message": "x" * 100}
-        return mcp_types.JSONRPCNotification(jsonrpc="2.0", method="notifications/progress", params=params)
-
-except ImportError:  # mcp 1.x: the SDK hands the store every message wrapped in the RootModel
-    from mcp.types import JSONRPCMessage, JSONRPCNotification
-
-    def progress_notification(token: str, progress: int) -> Any:
-        params = {"progressToken": token, "progress": progress, "total": 10**6, "message": "x" * 100}
-        return JSONRPCMessage(
-            JSONRPCNotification(jsonrpc="2.0", method="notifications/progress", params=params)
-        )
-
 
 STREAMS = 1000
 TTL = timedelta(days=1)
 # The events are two days old; no roll-over by time, so each layout stays as built.
 MAX_AGE = timedelta(days=30)
 LOAD_CHUNK = 500_000
+PARTS = ("drops", "deletes", "latency")
 
 # Streams of one session for the bulk-written events.
 MAKE_STREAMS = """
@@ -141,21 +137,18 @@ def report_dict(report: RetentionReport) -> dict[str, Any]:
     return {k: v for k, v in vars(report).items() if k != "seconds"}
 
 
+async def retention_run(dsn: str, batch: int) -> dict[str, Any]:
+    """One ``run_retention`` of this benchmark, as a dict: the work ``measured`` times."""
+    return report_dict(await run_retention(dsn, ttl=TTL, batch_size=batch, partition_max_age=MAX_AGE))
+
+
 async def drops_part(dsn: str, events: int, width: int, batch: int) -> dict[str, Any]:
     partitions = math.ceil(events / width)
     log(f"drops: {events:,} events in {partitions} partitions of {width:,}")
     await load(dsn, events, [(partitions + 1, width)])
-    conn = await asyncpg.connect(dsn)
-    try:
-        # The sequence moves past the last loaded partition, as it would have.
-        await conn.execute("SELECT setval('mcp_events_seq', $1, false)", partitions * width + 1)
-    finally:
-        await conn.close()
-
-    async def work() -> dict[str, Any]:
-        return report_dict(await run_retention(dsn, ttl=TTL, batch_size=batch, partition_max_age=MAX_AGE))
-
-    result = await measured(dsn, "partition drops", work)
+    # The sequence moves past the last loaded partition, as it would have.
+    await execute(dsn, "SELECT setval('mcp_events_seq', $1, false)", partitions * width + 1)
+    result = await measured(dsn, "partition drops", partial(retention_run, dsn, batch))
     if result["result"]["partitions_dropped"] != partitions or result["result"]["rows_deleted"]:
         raise RuntimeError(f"expected {partitions} partitions dropped and no rows deleted: {result}")
     return result
@@ -164,34 +157,11 @@ async def drops_part(dsn: str, events: int, width: int, batch: int) -> dict[str,
 async def deletes_part(dsn: str, events: int, batch: int) -> list[dict[str, Any]]:
     log(f"deletes: {events:,} events in the partition in use")
     await load(dsn, events, [(1, 2 * events)])
-
-    async def work() -> dict[str, Any]:
-        return report_dict(await run_retention(dsn, ttl=TTL, batch_size=batch, partition_max_age=MAX_AGE))
-
-    result = await measured(dsn, "row deletes", work)
+    result = await measured(dsn, "row deletes", partial(retention_run, dsn, batch))
     if result["result"]["rows_deleted"] != events or result["result"]["partitions_dropped"]:
         raise RuntimeError(f"expected {events} rows deleted and no partition dropped: {result}")
-
-    async def vacuum() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute("VACUUM mcp_events_events")
-        finally:
-            await conn.close()
-
+    vacuum = partial(execute, dsn, "VACUUM mcp_events_events")
     return [result, await measured(dsn, "VACUUM after the deletes", vacuum)]
-
-
-def latency_summary(latencies: list[float]) -> dict[str, Any]:
-    """p50, p99 and max in ms (nearest rank), and how many appends."""
-    if not latencies:
-        return {"appends": 0, "p50_ms": math.nan, "p99_ms": math.nan, "max_ms": math.nan}
-    ordered = sorted(latencies)
-
-    def rank(q: float) -> float:
-        return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1000, 3)
-
-    return {"appends": len(ordered), "p50_ms": rank(0.5), "p99_ms": rank(0.99), "max_ms": rank(1.0)}
 
 
 async def latency_part(
@@ -208,7 +178,7 @@ async def latency_part(
 
         async def write(i: int) -> None:
             view = store.session(f"writer-{i}")
-            message = progress_notification(f"writer-{i}", i)
+            message = progress_notification(f"writer-{i}", i, "x" * 100)
             await view.store_event("1", message)  # creates the stream: not measured
             loop = asyncio.get_running_loop()
             due = loop.time()
@@ -254,7 +224,9 @@ async def latency_part(
         "interval_ms": interval * 1000,
         "retention_seconds": round(marks["end"] - marks["start"], 3),
         "drop_seconds": round(deletes_from - marks["start"], 3),
-        "phases": {name: latency_summary(values) for name, values in phases.items()},
+        "phases": {
+            name: {"appends": len(values), **latency_summary(values)} for name, values in phases.items()
+        },
     }
 
 
@@ -333,7 +305,10 @@ def main() -> None:
     )
     parser.add_argument("--idle-seconds", type=float, default=10, help="idle latency window (default 10)")
     parser.add_argument(
-        "--only", default="drops,deletes,latency", help="parts to run (default drops,deletes,latency)"
+        "--only",
+        type=parts_of(PARTS),
+        default=set(PARTS),
+        help=f"comma-separated parts to run, of {','.join(PARTS)} (default all)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--smoke", action="store_true", help="quick CI run: 20,000 events, tiny partitions")
@@ -341,9 +316,6 @@ def main() -> None:
     if args.smoke:
         args.events, args.partition_width, args.batch_size = 20_000, 5_000, 2_000
         args.writers, args.idle_seconds = 2, 0.5
-    args.only = set(args.only.split(","))
-    if not args.only <= {"drops", "deletes", "latency"}:
-        parser.error(f"--only takes drops, deletes, latency; got {','.join(sorted(args.only))}")
     report(run(main_async(args)), render, args.json)
 
 
