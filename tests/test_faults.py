@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import json
 import statistics
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -27,7 +26,7 @@ from mcp_pg_events.demo import Context, McpClient, new_server, serve, streamable
 from mcp_pg_events.live import LISTENER_NAME
 from mcp_pg_events.wakeups import CHANNEL
 
-from .conftest import with_database
+from .conftest import _database
 from .deployments import Deployment
 from .mcp_http import progress_values
 from .messages import notification, response
@@ -137,18 +136,9 @@ def own_server() -> Iterator[OwnServer]:
 
 @pytest.fixture
 async def own_dsn(own_server: OwnServer) -> AsyncIterator[str]:
-    name = f"mcp_events_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(own_server.uri)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        dsn = with_database(own_server.uri, name)
+    async with _database(own_server.uri, None) as dsn:
         await asyncio.to_thread(migrate.upgrade, dsn)
         yield dsn
-    finally:
-        await admin.close()
-        admin = await asyncpg.connect(own_server.uri)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 # --- database outages under load -----------------------------------------------------------------
