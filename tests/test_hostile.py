@@ -161,38 +161,21 @@ async def sessions(store: PostgresEventStore, admin: asyncpg.Connection, dsn: st
     return Sessions(store.session("mine"), alive, old_mine, old_other + foreign)
 
 
-CURSOR_TEXT = [
-    "",
-    "x" * 10_000,
-    "1' OR '1'='1",
-    "1;DROP TABLE mcp_events_events;--",
-    "1-1-aaaaaaaaaaaa",
-    "9" * 40,
-    "9" * 19 + "-1-aaaaaaaaaaaa",
-    "1-1-aaaa\x00aaaaaaa",
-    "\u0661-\u0661-aaaaaaaaaaaa",  # Arabic-Indic digits: digits to Python, not to the id format
-    "1-1-AAAAAAAAAAAA",
-    "1-1-aaaaaaaaaaaa\n",
-    "\ud800-1-aaaaaaaaaaaa",
-    "é✓🎉",
-]
-
-
 @hostile(max_examples=150)
 @given(cursor=st.text() | st.binary(max_size=60).map(lambda b: b.decode("latin-1")))
-@example(cursor=CURSOR_TEXT[0])
-@example(cursor=CURSOR_TEXT[1])
-@example(cursor=CURSOR_TEXT[2])
-@example(cursor=CURSOR_TEXT[3])
-@example(cursor=CURSOR_TEXT[4])
-@example(cursor=CURSOR_TEXT[5])
-@example(cursor=CURSOR_TEXT[6])
-@example(cursor=CURSOR_TEXT[7])
-@example(cursor=CURSOR_TEXT[8])
-@example(cursor=CURSOR_TEXT[9])
-@example(cursor=CURSOR_TEXT[10])
-@example(cursor=CURSOR_TEXT[11])
-@example(cursor=CURSOR_TEXT[12])
+@example(cursor="")
+@example(cursor="x" * 10_000)
+@example(cursor="1' OR '1'='1")
+@example(cursor="1;DROP TABLE mcp_events_events;--")
+@example(cursor="1-1-aaaaaaaaaaaa")
+@example(cursor="9" * 40)
+@example(cursor="9" * 19 + "-1-aaaaaaaaaaaa")
+@example(cursor="1-1-aaaa\x00aaaaaaa")
+@example(cursor="\u0661-\u0661-aaaaaaaaaaaa")  # Arabic-Indic digits: digits to Python, not to the id format
+@example(cursor="1-1-AAAAAAAAAAAA")
+@example(cursor="1-1-aaaaaaaaaaaa\n")
+@example(cursor="\ud800-1-aaaaaaaaaaaa")
+@example(cursor="é✓🎉")
 async def test_any_text_as_last_event_id_gives_nothing_and_never_an_error(
     sessions: Sessions, cursor: str
 ) -> None:
