@@ -52,3 +52,13 @@ def error(request_id: int | str, code: int, message: str) -> Any:
     from mcp.types import ErrorData, JSONRPCError
 
     return _wrap(JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=code, message=message)))
+
+
+def model_of(message: Any) -> Any:
+    """The JSON-RPC model of ``message`` (None stays None): mcp 1.x wraps it in a root model."""
+    return message.root if MCP_MAJOR == 1 and message is not None else message
+
+
+def params_of(event: Any) -> Any:
+    """The params of a stored event's message; None for a priming event or a response."""
+    return getattr(model_of(event.message), "params", None)

@@ -29,7 +29,7 @@ from mcp_pg_events.wakeups import CHANNEL
 from .conftest import _database
 from .deployments import Deployment
 from .mcp_http import progress_values
-from .messages import notification, response
+from .messages import notification, params_of, response
 from .own_server import OwnServer, start_own_server
 from .test_live import collect
 from .writer_process import Ack, WriterProcess
@@ -38,8 +38,7 @@ Target = tuple[str, str]  # (session, stream)
 
 
 def progress_number(event: EventMessage) -> int | None:
-    model = getattr(event.message, "root", event.message)
-    params = getattr(model, "params", None)
+    params = params_of(event)
     return params["progress"] if params else None
 
 
@@ -334,8 +333,8 @@ async def test_two_processes_appending_to_one_stream_make_one_order_that_a_subsc
     assert seqs == sorted(set(seqs))
     by_writer: dict[str, list[int]] = {"a": [], "b": []}
     for event in stored[:-1]:
-        model = getattr(event.message, "root", event.message)
-        by_writer[model.params["writer"]].append(model.params["progress"])
+        params = params_of(event)
+        by_writer[params["writer"]].append(params["progress"])
     assert by_writer == {"a": list(range(count)), "b": list(range(count))}
     for writer in writers:
         assert [ack.event_id for ack in writer.acks] == [
@@ -346,8 +345,7 @@ async def test_two_processes_appending_to_one_stream_make_one_order_that_a_subsc
 
 
 def _writer(event: EventMessage) -> str:
-    model = getattr(event.message, "root", event.message)
-    return str(model.params["writer"])
+    return str(params_of(event)["writer"])
 
 
 # --- notifications: a stuck listener, a flood, a killed listener, NOTIFY refused -----------------

@@ -13,15 +13,14 @@ from mcp.server.streamable_http import EventMessage
 from mcp_pg_events import PostgresEventStore
 from mcp_pg_events.live import LISTENER_NAME
 
-from .messages import notification, response
+from .messages import model_of, notification, params_of, response
 from .proxy import FlakyProxy
 from .writer_process import WriterProcess
 
 
 def progress(event: EventMessage) -> Any:
-    model = getattr(event.message, "root", event.message)
-    params = getattr(model, "params", None)
-    return params["progress"] if params else ("response", model.id)
+    params = params_of(event)
+    return params["progress"] if params else ("response", model_of(event.message).id)
 
 
 async def collect(subscription: Any, timeout: float = 30) -> list[EventMessage]:
