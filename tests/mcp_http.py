@@ -25,6 +25,7 @@ __all__ = [
     "McpClient",
     "RecordingStore",
     "build_app",
+    "data_events",
     "is_response",
     "progress_values",
     "serve",
@@ -71,3 +72,8 @@ def progress_values(events: list[SSE], token: str) -> list[float]:
         and e.message.get("method") == "notifications/progress"
         and e.message["params"]["progressToken"] == token
     ]
+
+
+def data_events(events: list[SSE]) -> list[SSE]:
+    """The events that carry a message: not the empty priming events."""
+    return [e for e in events if e.data]

@@ -39,16 +39,16 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore, SessionEventStore, StreamIdTooLongError, run_retention
 from mcp_pg_events.demo import SSEStream, new_server, streamable_app
 from mcp_pg_events.event_ids import parse_event_id
 from mcp_pg_events.store import MAX_SESSION_KEY_LENGTH, MAX_STREAM_ID_BYTES
 
-from .mcp_http import SSE, McpClient, RecordingStore, build_app, serve
+from .mcp_http import SSE, McpClient, RecordingStore, build_app, data_events, serve
 from .messages import MCP_MAJOR, notification, response
 from .test_contract import Recorder
+from .test_live import collect
 
 HOUR = timedelta(hours=1)
 TIMEOUT = 15
@@ -84,11 +84,7 @@ async def follow(view: SessionEventStore, cursor: str) -> tuple[bool, list[tuple
     subscription = view.subscribe(cursor)
     try:
         opened = await subscription.open()
-
-        async def read() -> list[EventMessage]:
-            return [event async for event in subscription]
-
-        events = await asyncio.wait_for(read(), TIMEOUT)
+        events = await collect(subscription, TIMEOUT)
     finally:
         await subscription.aclose()
     return opened, [(e.event_id, e.message) for e in events]
@@ -416,10 +412,6 @@ class Peers:
         assert data_events(replayed) == data_events(self.alice_events)
 
 
-def data_events(events: list[SSE]) -> list[SSE]:
-    return [e for e in events if e.data]
-
-
 @pytest.fixture
 async def peers(store: PostgresEventStore) -> AsyncIterator[Peers]:
     recorder = RecordingStore(store)
@@ -528,23 +520,19 @@ def call_with_id(request_id: Any, tool: str = "progress", arguments: Any = None)
     return b'{"jsonrpc": "2.0", "method": "tools/call", "params": ' + params + b', "id": ' + raw + b"}"
 
 
-async def post_raw(
-    http: httpx.AsyncClient, client: McpClient, body: bytes, *, stream: bool = False
-) -> httpx.Response:
+async def post_raw(client: McpClient, body: bytes, *, stream: bool = False) -> httpx.Response:
     """POST ``body`` as the session's client; read all of the answer unless ``stream``."""
-    request = http.build_request(
-        "POST", "/mcp", content=body, headers={**client._headers(), "content-type": "application/json"}
-    )
-    return await http.send(request, stream=stream)
+    headers = {**client._headers(), "content-type": "application/json"}
+    request = client.http.build_request("POST", "/mcp", content=body, headers=headers)
+    return await client.http.send(request, stream=stream)
 
 
-async def resume(http: httpx.AsyncClient, client: McpClient, last_event_id: str | None) -> list[SSE]:
+async def resume(client: McpClient, last_event_id: str | None) -> list[SSE]:
     """Every event of a resumed stream that ends (a request's, its response stored)."""
     assert last_event_id
-    headers = client._headers(**{"accept": "text/event-stream", "last-event-id": last_event_id})
-    answer = await http.get("/mcp", headers=headers)
-    assert answer.status_code == 200
-    return await sse_events(answer)
+    async with client.get(last_event_id=last_event_id) as resumed:
+        assert resumed.response.status_code == 200
+        return await resumed.rest()
 
 
 async def still_answers(client: McpClient) -> None:
@@ -576,7 +564,7 @@ async def test_a_hostile_request_id_is_answered_on_its_own_stream_or_refused_and
 ) -> None:
     evil = McpClient(peers.http)
     await evil.initialize()
-    answer = await post_raw(peers.http, evil, call_with_id(request_id))
+    answer = await post_raw(evil, call_with_id(request_id))
     if utf8_size(str(request_id)) > MAX_STREAM_ID_BYTES:
         # The store refuses the stream id (StreamIdTooLongError); the SDK answers
         # any store that raises with a 500, to this one request.
@@ -589,7 +577,7 @@ async def test_a_hostile_request_id_is_answered_on_its_own_stream_or_refused_and
         assert reply is not None and reply["id"] == request_id
         assert reply["result"]["content"][0]["text"] == "sent 1"
         # The stream id is the request id: its stream resumes, exactly.
-        assert data_events(await resume(peers.http, evil, events[0].id)) == data_events(events)
+        assert data_events(await resume(evil, events[0].id)) == data_events(events)
     await still_answers(evil)
     await peers.alice_still_resumes()
 
@@ -600,11 +588,11 @@ async def test_a_request_id_repeating_an_earlier_ones_text_stays_in_its_own_sess
     # before the cursor, so it may give nothing; whatever it gives is this session's.
     evil = McpClient(peers.http)
     await evil.initialize()
-    answer = await post_raw(peers.http, evil, call_with_id("1"))
+    answer = await post_raw(evil, call_with_id("1"))
     events = await sse_events(answer)
     (reply,) = [e.message for e in data_events(events)]
     assert reply is not None and reply["id"] == "1"
-    assert data_events(await resume(peers.http, evil, events[0].id)) in ([], data_events(events))
+    assert data_events(await resume(evil, events[0].id)) in ([], data_events(events))
     await still_answers(evil)
     await peers.alice_still_resumes()
 
@@ -612,7 +600,7 @@ async def test_a_request_id_repeating_an_earlier_ones_text_stays_in_its_own_sess
 async def test_a_request_id_with_a_lone_surrogate_stops_at_most_its_own_session(peers: Peers) -> None:
     evil = McpClient(peers.http)
     await evil.initialize()
-    answer = await post_raw(peers.http, evil, call_with_id(b'"a\\ud800"'), stream=True)
+    answer = await post_raw(evil, call_with_id(b'"a\\ud800"'), stream=True)
     try:
         if MCP_MAJOR == 2:
             assert answer.status_code == 400  # its JSON parser refuses a lone surrogate
@@ -635,7 +623,7 @@ async def test_a_request_id_with_a_lone_surrogate_stops_at_most_its_own_session(
 async def test_a_request_id_naming_the_standalone_stream_stays_in_its_own_session(peers: Peers) -> None:
     evil = McpClient(peers.http)
     await evil.initialize()
-    answer = await post_raw(peers.http, evil, call_with_id("_GET_stream"))
+    answer = await post_raw(evil, call_with_id("_GET_stream"))
     assert answer.status_code == 200
     (reply,) = [e.message for e in data_events(await sse_events(answer))]
     assert reply is not None and reply["id"] == "_GET_stream"
@@ -660,9 +648,9 @@ async def test_a_10_mb_tool_result_resumes_exactly_over_http(store: PostgresEven
     ):
         client = McpClient(http)
         await client.initialize()
-        answer = await post_raw(http, client, call_with_id(2, "big", {}))
+        answer = await post_raw(client, call_with_id(2, "big", {}))
         live = await sse_events(answer)
-        replayed = await resume(http, client, live[0].id)
+        replayed = await resume(client, live[0].id)
     assert data_events(replayed) == data_events(live)
     (reply,) = [e.message for e in data_events(replayed)]
     assert reply is not None and reply["id"] == 2

@@ -15,7 +15,16 @@ from mcp.server.streamable_http import EventCallback, EventId, EventStore, Strea
 from mcp_pg_events import PostgresEventStore
 from mcp_pg_events.demo import READ_TIMEOUT
 
-from .mcp_http import SSE, McpClient, RecordingStore, build_app, is_response, progress_values, serve
+from .mcp_http import (
+    SSE,
+    McpClient,
+    RecordingStore,
+    build_app,
+    data_events,
+    is_response,
+    progress_values,
+    serve,
+)
 
 
 @dataclass
@@ -34,10 +43,6 @@ async def server(store: PostgresEventStore) -> AsyncIterator[Server]:
     gate = asyncio.Event()
     async with serve(build_app(recorder, gate)) as url:
         yield Server(url, recorder, gate)
-
-
-def data_events(events: list[SSE]) -> list[SSE]:
-    return [e for e in events if e.data]
 
 
 async def test_a_dropped_post_stream_resumes_with_nothing_lost_or_doubled(server: Server) -> None:
