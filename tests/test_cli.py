@@ -11,18 +11,22 @@ import asyncpg
 from mcp_pg_events.schema import SCHEMA_REVISION
 
 
-async def run_cli(*args: str, **env: str) -> tuple[int, str, str]:
-    environment = {k: v for k, v in os.environ.items() if k not in ("MCP_PG_EVENTS_DSN", "DATABASE_URL")}
+async def start_cli(
+    *args: str, stdout: int = asyncio.subprocess.PIPE, **env: str
+) -> asyncio.subprocess.Process:
+    """The command, its stderr piped; of ``MCP_PG_EVENTS_*`` and ``DATABASE_URL`` it sees ``env``'s only."""
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith("MCP_PG_EVENTS_") and k != "DATABASE_URL"
+    }
     environment.update(env)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mcp_pg_events.cli",
-        *args,
-        env=environment,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcp_pg_events.cli", *args,
+        env=environment, stdout=stdout, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def run_cli(*args: str, **env: str) -> tuple[int, str, str]:
+    process = await start_cli(*args, **env)
     out, err = await process.communicate()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
@@ -53,11 +57,7 @@ async def test_migrate_sql_prints_the_ddl_without_a_database() -> None:
 async def test_migrate_sql_into_a_closed_pipe_ends_quietly() -> None:
     read, write = os.pipe()
     os.close(read)
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MCP_PG_EVENTS_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mcp_pg_events.cli", "migrate", "--sql",
-        env=environment, stdout=write, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await start_cli("migrate", "--sql", stdout=write)
     os.close(write)
     _, err = await process.communicate()
     assert process.returncode == 0

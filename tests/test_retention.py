@@ -7,9 +7,7 @@ partitions (a width of 10 seqs) let a few events fill several.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -28,7 +26,7 @@ from mcp_pg_events.retention import (
 )
 
 from .messages import notification
-from .test_cli import run_cli
+from .test_cli import run_cli, start_cli
 from .test_contract import Recorder
 
 HOUR = timedelta(hours=1)
@@ -430,12 +428,9 @@ async def test_a_killed_run_is_finished_by_the_next(
     dsn: str,
 ) -> None:
     ids, blocker = blocked_run_setup
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_PG_EVENTS_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mcp_pg_events.cli", "retention", "--dsn", dsn, "--ttl", "1h",
-        "--batch-size", "1", "--partition-max-age", "7d",
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await start_cli(
+        "retention", "--dsn", dsn, "--ttl", "1h", "--batch-size", "1", "--partition-max-age", "7d"
+    )
     assert process.stderr is not None
     line = b""
     while not line.startswith(b"deleted "):
@@ -637,11 +632,7 @@ async def test_help_shows_every_environment_variable() -> None:
 
 
 async def test_loop_runs_until_sigterm(dsn: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_PG_EVENTS_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mcp_pg_events.cli", "retention", "--loop", "--interval", "1h",
-        env={**env, "MCP_PG_EVENTS_DSN": dsn}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await start_cli("retention", "--loop", "--interval", "1h", MCP_PG_EVENTS_DSN=dsn)
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), 30)
     assert line.startswith(b"retention in "), line
