@@ -23,15 +23,15 @@ from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore, migrate
 from mcp_pg_events.demo import Context, McpClient, new_server, serve, streamable_app
-from mcp_pg_events.live import LISTENER_NAME
 from mcp_pg_events.wakeups import CHANNEL
 
-from .conftest import _database
+from .conftest import _admin, _database
 from .deployments import Deployment
 from .mcp_http import progress_values
 from .messages import notification, params_of, response
 from .own_server import OwnServer, start_own_server
-from .test_live import collect
+from .test_contract import Recorder
+from .test_live import collect, kill_listener
 from .writer_process import Ack, WriterProcess
 
 Target = tuple[str, str]  # (session, stream)
@@ -43,13 +43,9 @@ def progress_number(event: EventMessage) -> int | None:
 
 
 async def replay(view: Any, cursor: str) -> list[EventMessage]:
-    events: list[EventMessage] = []
-
-    async def keep(event: EventMessage) -> None:
-        events.append(event)
-
-    await view.replay_events_after(cursor, keep)
-    return events
+    got = Recorder()
+    await view.replay_events_after(cursor, got)
+    return got.events
 
 
 def percentiles(seconds: list[float]) -> str:
@@ -233,22 +229,19 @@ async def test_a_restarted_or_crashed_server_loses_nothing_and_kills_no_session(
     await ride_out(own_dsn, restart)
 
 
-async def test_every_backend_terminated_three_times_loses_nothing_and_kills_no_session(dsn: str) -> None:
-    admin = await asyncpg.connect(dsn)
-    try:
+async def test_every_backend_terminated_three_times_loses_nothing_and_kills_no_session(
+    dsn: str, admin: asyncpg.Connection
+) -> None:
+    async def terminate_everything(load: StreamLoad) -> None:
+        for _ in range(3):
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            assert killed >= 2  # at least the listener and a pooled connection
+            await load.wait_for_more_acks(100)
 
-        async def terminate_everything(load: StreamLoad) -> None:
-            for _ in range(3):
-                killed = await admin.fetchval(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                )
-                assert killed >= 2  # at least the listener and a pooled connection
-                await load.wait_for_more_acks(100)
-
-        await ride_out(dsn, terminate_everything)
-    finally:
-        await admin.close()
+    await ride_out(dsn, terminate_everything)
 
 
 # --- killed and concurrent writer processes --------------------------------------------------------
@@ -382,11 +375,7 @@ async def test_a_stuck_listener_a_flood_and_a_killed_listener_stall_no_append_an
             await store.live_tail.wait_listening()
             flooder = asyncio.create_task(flood())
             await load.wait_for_more_acks(300)
-            killed = await admin.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = $1",
-                LISTENER_NAME,
-            )
+            killed = await kill_listener(admin)
             assert killed == 1
             await load.wait_for_more_acks(300)
             usage = await admin.fetchval("SELECT pg_notification_queue_usage()")
@@ -406,11 +395,7 @@ async def test_appends_succeed_and_subscribers_catch_up_when_every_notify_fails(
     # NOTIFY fails at commit when the queue is full; here it fails because nobody may
     # call pg_notify in this test's database. The store runs as the least-privileged
     # role of the docs, as in production.
-    admin = await asyncpg.connect(empty_dsn)
-    try:
-        await admin.execute("REVOKE EXECUTE ON FUNCTION pg_notify(text, text) FROM PUBLIC")
-    finally:
-        await admin.close()
+    await _admin(empty_dsn, "REVOKE EXECUTE ON FUNCTION pg_notify(text, text) FROM PUBLIC")
     async with deployment.connect(deployment.runtime) as refused:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await refused.execute("SELECT pg_notify($1, '1')", CHANNEL)

@@ -39,6 +39,16 @@ async def store_backends(admin: asyncpg.Connection, application_name: str = "") 
     return count
 
 
+async def kill_listener(admin: asyncpg.Connection) -> int:
+    """Terminate the store's listening connection; returns how many backends that was."""
+    killed: int = await admin.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = $1",
+        LISTENER_NAME,
+    )
+    return killed
+
+
 @pytest.fixture
 async def live_store(dsn: str) -> AsyncIterator[PostgresEventStore]:
     """A store whose subscriptions can only be woken by notifications or a reconnect's catch-up."""
@@ -88,11 +98,7 @@ async def test_a_killed_listener_misses_nothing_and_doubles_nothing(
 
         await write(range(100))
         proxy.refuse_new_connections()
-        killed = await admin.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = $1",
-            LISTENER_NAME,
-        )
+        killed = await kill_listener(admin)
         assert killed == 1
         await write(range(100, 200))
         await writer_view.store_event("3", response(3, {}))
