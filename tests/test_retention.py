@@ -557,7 +557,7 @@ async def test_dry_run_changes_nothing_and_says_what_would_go(
 
 
 async def test_the_sql_procedure_does_the_same_work_for_pg_cron(
-    store: PostgresEventStore, admin: asyncpg.Connection, dsn: str
+    store: PostgresEventStore, admin: asyncpg.Connection
 ) -> None:
     await dry_run_setup(store, admin)
     # pg_cron runs the job's command as one simple query outside a transaction block.
