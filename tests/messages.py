@@ -62,3 +62,8 @@ def model_of(message: Any) -> Any:
 def params_of(event: Any) -> Any:
     """The params of a stored event's message; None for a priming event or a response."""
     return getattr(model_of(event.message), "params", None)
+
+
+def progress_message(progress: int, **extra: Any) -> Any:
+    """A ``notifications/progress`` notification, with ``extra`` params besides ``progress``."""
+    return notification("notifications/progress", {"progress": progress, **extra})

@@ -16,7 +16,7 @@ from mcp_pg_events import PostgresEventStore, StreamIdTooLongError, UnscopedEven
 from mcp_pg_events.store import MAX_STREAM_ID_BYTES
 
 from .memory_store import MemoryEventStore
-from .messages import error, notification, request, response
+from .messages import error, notification, progress_message, request, response
 
 VISIBLE_ASCII = re.compile(r"\A[\x21-\x7e]{1,64}\Z")
 
@@ -105,7 +105,7 @@ class StoreContract:
     async def test_replay_sends_what_follows_the_cursor_in_order(self, root: Any) -> None:
         view = root.session("s1")
         priming = await view.store_event("1", None)
-        stored = [notification("notifications/progress", {"progress": i}) for i in range(5)]
+        stored = [progress_message(i) for i in range(5)]
         ids = [await view.store_event("1", m) for m in stored]
 
         got = Recorder()

@@ -28,7 +28,7 @@ from mcp_pg_events.wakeups import CHANNEL
 from .conftest import _admin, _database
 from .deployments import Deployment
 from .mcp_http import progress_values
-from .messages import notification, params_of, response
+from .messages import params_of, progress_message, response
 from .own_server import OwnServer, start_own_server
 from .test_contract import Recorder
 from .test_live import collect, kill_listener
@@ -89,9 +89,7 @@ class StreamLoad:
         n = 0
         while not self._stop.is_set():
             started = loop.time()
-            event_id = await view.store_event(
-                target[1], notification("notifications/progress", {"progress": n})
-            )
+            event_id = await view.store_event(target[1], progress_message(n))
             self.latencies.append((started, loop.time() - started))
             n += 1
             async with self._acks:

@@ -46,7 +46,7 @@ from mcp_pg_events.event_ids import parse_event_id
 from mcp_pg_events.store import MAX_SESSION_KEY_LENGTH, MAX_STREAM_ID_BYTES
 
 from .mcp_http import SSE, McpClient, RecordingStore, build_app, data_events, serve
-from .messages import MCP_MAJOR, notification, response
+from .messages import MCP_MAJOR, notification, progress_message, response
 from .test_contract import Recorder
 from .test_live import collect
 
@@ -128,7 +128,7 @@ class Sessions:
 
 
 def progress(i: int) -> Any:
-    return notification("notifications/progress", {"progress": i, "progressToken": "t"})
+    return progress_message(i, progressToken="t")
 
 
 @pytest.fixture

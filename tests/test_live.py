@@ -13,7 +13,7 @@ from mcp.server.streamable_http import EventMessage
 from mcp_pg_events import PostgresEventStore
 from mcp_pg_events.live import LISTENER_NAME
 
-from .messages import model_of, notification, params_of, response
+from .messages import model_of, notification, params_of, progress_message, response
 from .proxy import FlakyProxy
 from .writer_process import WriterProcess
 
@@ -94,7 +94,7 @@ async def test_a_killed_listener_misses_nothing_and_doubles_nothing(
 
         async def write(numbers: range) -> None:
             for i in numbers:
-                await writer_view.store_event("3", notification("notifications/progress", {"progress": i}))
+                await writer_view.store_event("3", progress_message(i))
 
         await write(range(100))
         proxy.refuse_new_connections()
@@ -117,7 +117,7 @@ async def test_poll_only_mode_delivers_everything(dsn: str) -> None:
         subscription = view.subscribe(cursor)
         reading = asyncio.create_task(collect(subscription))
         for i in range(20):
-            await view.store_event("1", notification("notifications/progress", {"progress": i}))
+            await view.store_event("1", progress_message(i))
         await view.store_event("1", response(1, {}))
         events = await reading
         assert [progress(e) for e in events] == [*range(20), ("response", 1)]
@@ -130,7 +130,7 @@ async def test_a_subscription_ends_with_its_stream_and_leaves_nothing_behind(
     try:
         view = store.session("s")
         cursor = await view.store_event("5", None)
-        first = await view.store_event("5", notification("notifications/progress", {"progress": 0}))
+        first = await view.store_event("5", progress_message(0))
         async with view.subscribe(cursor) as subscription:
             reading = asyncio.create_task(collect(subscription))
             await view.store_event("5", response(5, {}))
@@ -189,7 +189,7 @@ async def test_a_lagging_reader_holds_a_bounded_buffer(dsn: str) -> None:
         view = store.session("s")
         cursor = await view.store_event("1", None)
         for i in range(100):
-            await view.store_event("1", notification("notifications/progress", {"progress": i}))
+            await view.store_event("1", progress_message(i))
         await view.store_event("1", response(1, {}))
         subscription = view.subscribe(cursor)
         seen = []

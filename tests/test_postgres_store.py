@@ -18,7 +18,7 @@ from mcp_pg_events import (
 )
 from mcp_pg_events.event_ids import parse_event_id
 
-from .messages import notification
+from .messages import notification, progress_message
 from .proxy import FlakyProxy
 from .test_contract import Recorder
 
@@ -319,10 +319,7 @@ async def test_concurrent_appends_share_commits_and_keep_each_streams_order(
     cursors = [await view.store_event("1", None) for view in views]
 
     async def write(view: SessionEventStore, n: int) -> list[str]:
-        return [
-            await view.store_event("1", notification("notifications/progress", {"progress": i}))
-            for i in range(n)
-        ]
+        return [await view.store_event("1", progress_message(i)) for i in range(n)]
 
     ids = await asyncio.gather(*(write(view, 25) for view in views))
     assert len({event_id for stream in ids for event_id in stream}) == 40 * 25
@@ -330,9 +327,7 @@ async def test_concurrent_appends_share_commits_and_keep_each_streams_order(
         got = Recorder()
         assert await view.replay_events_after(cursor, got) == "1"
         assert [e.event_id for e in got.events] == stream_ids
-        assert [e.message for e in got.events] == [
-            notification("notifications/progress", {"progress": i}) for i in range(25)
-        ]
+        assert [e.message for e in got.events] == [progress_message(i) for i in range(25)]
     # Rows committed together share a transaction id: far fewer commits than rows.
     commits = await admin.fetchval("SELECT count(DISTINCT xmin::text) FROM mcp_events_events")
     assert commits < 40 * 25 / 4

@@ -25,16 +25,12 @@ from mcp_pg_events.retention import (
     run_retention,
 )
 
-from .messages import notification
+from .messages import progress_message as message
 from .test_cli import run_cli, start_cli
 from .test_contract import Recorder
 
 HOUR = timedelta(hours=1)
 OLD = timedelta(hours=2)
-
-
-def message(i: int) -> Any:
-    return notification("notifications/progress", {"progress": i})
 
 
 def seq(event_id: str) -> int:

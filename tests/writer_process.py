@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from mcp_pg_events import PostgresEventStore
 
-from .messages import notification, response
+from .messages import progress_message, response
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,9 +98,7 @@ async def main(args: argparse.Namespace) -> None:
         async def write(stream: str) -> None:
             numbers = itertools.count(args.start) if args.end == 0 else range(args.start, args.end)
             for n in numbers:
-                event_id = await view.store_event(
-                    stream, notification("notifications/progress", {"progress": n, "writer": args.tag})
-                )
+                event_id = await view.store_event(stream, progress_message(n, writer=args.tag))
                 print("ack", stream, n, event_id, flush=True)
                 if args.pace:
                     await asyncio.sleep(args.pace)
