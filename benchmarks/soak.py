@@ -61,7 +61,7 @@ from mcp_pg_events.live import LISTENER_NAME
 from mcp_pg_events.wakeups import CHANNEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.messages import notification, response
+from tests.messages import params_of, progress_message, response
 from tests.own_server import OwnServer, start_own_server
 from tests.writer_process import WriterProcess
 
@@ -75,8 +75,7 @@ FAULTS = ("restart", "terminate", "sigkill", "listener", "flood", "crash", "lock
 
 
 def progress_of(event: EventMessage) -> Any:
-    model = getattr(event.message, "root", event.message)
-    params = getattr(model, "params", None)
+    params = params_of(event)
     return params["progress"] if params else None
 
 
@@ -156,7 +155,7 @@ class Soak:
         n = 0
         while self._loop.time() < ends and not self._stop.is_set():
             started = self._loop.time()
-            event_id = await view.store_event(stream, notification("notifications/progress", {"progress": n}))
+            event_id = await view.store_event(stream, progress_message(n))
             self.latencies.append((started, self._loop.time() - started))
             acked.append(event_id)
             self.counts.acknowledged += 1
