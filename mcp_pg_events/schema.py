@@ -34,7 +34,7 @@ from .sql import SCHEMA_VERSION
 
 PREFIX = "mcp_events_"
 # The alembic revision this code needs; a test checks it is the migrations' head.
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 VERSION_TABLE = "mcp_events_alembic_version"
 
 NOT_MIGRATED = (
@@ -104,10 +104,14 @@ streams = Table(
     ),
     # bytea, not text: a stream id is a JSON-RPC request id chosen by the client and
     # may hold characters (NUL, lone surrogates) that a text column refuses.
+    # A stream id longer than INDEXED_STREAM_ID_BYTES (store.py) is kept as 0xFF and
+    # its SHA-256, its id in full in full_name: a btree entry must stay small.
     Column("name", LargeBinary, nullable=False),
     # Random per stream and part of every event id, so ids cannot be guessed.
     Column("tag", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The stream id when it is too long for name (see above), else NULL.
+    Column("full_name", LargeBinary, nullable=True),
     UniqueConstraint("session_id", "name"),
 )
 
