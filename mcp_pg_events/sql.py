@@ -6,15 +6,16 @@ from user data.
 
 # Find or create a session's stream; returns its key, tag and newest seq. The
 # no-op updates make RETURNING give the existing row on conflict.
-# $1 session key, $2 stream name (bytes), $3 tag for a new stream
+# $1 session key, $2 stream name (bytes), $3 tag for a new stream,
+# $4 the stream id in full when the name is its hash, else NULL
 UPSERT_STREAM = """
 WITH session AS (
     INSERT INTO mcp_events_sessions (key) VALUES ($1)
     ON CONFLICT (key) DO UPDATE SET key = EXCLUDED.key
     RETURNING id
 )
-INSERT INTO mcp_events_streams (session_id, name, tag)
-SELECT session.id, $2, $3 FROM session
+INSERT INTO mcp_events_streams (session_id, name, tag, full_name)
+SELECT session.id, $2, $3, $4 FROM session
 ON CONFLICT (session_id, name) DO UPDATE SET tag = mcp_events_streams.tag
 RETURNING id, tag,
     (SELECT max(e.seq) FROM mcp_events_events e WHERE e.stream_key = mcp_events_streams.id) AS last_seq
@@ -74,13 +75,14 @@ SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity
 WHERE pid = $1 AND usename = current_user AND datname = current_database()
 """
 
-# Resolve a replay cursor: the stream's name when the cursor event still exists and
-# belongs to this session, and the newest message at or before the cursor (a
-# subscription whose cursor is at or past the response of its request has nothing
-# to wait for). A foreign, forged or expired cursor gives no row.
+# Resolve a replay cursor: the stream's id (in full, also when the indexed name is
+# its hash) when the cursor event still exists and belongs to this session, and
+# the newest message at or before the cursor (a subscription whose cursor is at or
+# past the response of its request has nothing to wait for). A foreign, forged or
+# expired cursor gives no row.
 # $1 stream key, $2 seq, $3 tag, $4 session key
 CURSOR_STREAM = """
-SELECT st.name,
+SELECT coalesce(st.full_name, st.name) AS name,
     (SELECT e.message FROM mcp_events_events e
      WHERE e.stream_key = $1 AND e.seq <= $2 AND e.message IS NOT NULL
      ORDER BY e.seq DESC LIMIT 1) AS last_message

@@ -11,6 +11,7 @@ events to another. So the root store refuses to act as an ``EventStore`` itself.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -37,8 +38,12 @@ from .wakeups import Notifier
 
 logger = logging.getLogger("mcp_pg_events")
 
-# A btree entry must stay well under PostgreSQL's ~2.7 kB limit.
-MAX_STREAM_ID_BYTES = 2048
+# A btree entry must stay well under PostgreSQL's ~2.7 kB limit: a longer stream
+# id is indexed by its hash (see _stream_name).
+INDEXED_STREAM_ID_BYTES = 2048
+# A stream id is a client's JSON-RPC request id, read back on every resume: a
+# longer one is refused (StreamIdTooLongError).
+MAX_STREAM_ID_BYTES = 1024 * 1024
 MAX_SESSION_KEY_LENGTH = 512
 # Streams whose key, tag and lock a session view keeps in memory.
 MAX_CACHED_STREAMS = 256
@@ -67,14 +72,19 @@ class _Cursor(NamedTuple):
     last_message: bytes | None
 
 
-def _encode_stream_id(stream_id: str) -> bytes:
+def _stream_name(stream_id: str) -> tuple[bytes, bytes | None]:
+    """The indexed name of a stream, and its id in full when the name is not the id itself."""
     # surrogatepass: a JSON string may hold a lone surrogate, and so may a request id.
-    name = stream_id.encode("utf-8", "surrogatepass")
-    if len(name) > MAX_STREAM_ID_BYTES:
+    encoded = stream_id.encode("utf-8", "surrogatepass")
+    if len(encoded) <= INDEXED_STREAM_ID_BYTES:
+        return encoded, None
+    if len(encoded) > MAX_STREAM_ID_BYTES:
         raise StreamIdTooLongError(
-            f"stream id is {len(name)} bytes long; the store indexes at most {MAX_STREAM_ID_BYTES}"
+            f"stream id is {len(encoded)} bytes long; the store keeps at most {MAX_STREAM_ID_BYTES}"
         )
-    return name
+    # 0xFF never occurs in UTF-8, lone surrogates included: no id's own name starts
+    # with it, so a hashed name never equals one.
+    return b"\xff" + hashlib.sha256(encoded).digest(), encoded
 
 
 def _valid_session_key(key: object) -> bool:
@@ -287,8 +297,8 @@ class PostgresEventStore(EventStore):
         """Append one event and return its id once committed. Caller holds ``stream.lock``."""
         for _ in range(3):
             if stream.key is None:
-                name = _encode_stream_id(stream_id)
-                row = await self._query(sql.UPSERT_STREAM, session_key, name, new_tag(), row=True)
+                name, full_name = _stream_name(stream_id)
+                row = await self._query(sql.UPSERT_STREAM, session_key, name, new_tag(), full_name, row=True)
                 stream.key, stream.tag, stream.last_seq = row["id"], row["tag"], row["last_seq"] or 0
             assert stream.key is not None
             try:

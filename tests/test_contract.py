@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore, StreamIdTooLongError, UnscopedEventStoreError
-from mcp_pg_events.store import MAX_STREAM_ID_BYTES
+from mcp_pg_events.store import INDEXED_STREAM_ID_BYTES, MAX_STREAM_ID_BYTES
 
 from .memory_store import MemoryEventStore
 from .messages import error, notification, progress_message, request, response
@@ -211,8 +211,17 @@ class StoreContract:
 
     @pytest.mark.parametrize(
         "stream_id",
-        ["", "ünïcødé-✓", "nul\x00inside", "lone\ud800surrogate", "x" * MAX_STREAM_ID_BYTES, "' OR 1=1 --"],
-        ids=["empty", "unicode", "nul", "surrogate", "longest", "sql"],
+        [
+            "",
+            "ünïcødé-✓",
+            "nul\x00inside",
+            "lone\ud800surrogate",
+            "x" * INDEXED_STREAM_ID_BYTES,
+            "é" * INDEXED_STREAM_ID_BYTES,
+            "x" * MAX_STREAM_ID_BYTES,
+            "' OR 1=1 --",
+        ],
+        ids=["empty", "unicode", "nul", "surrogate", "longest-indexed", "hashed", "longest", "sql"],
     )
     async def test_odd_stream_ids_round_trip(self, root: Any, stream_id: str) -> None:
         view = root.session("s1")
@@ -244,6 +253,17 @@ class StoreContract:
         got = Recorder()
         assert await mine.replay_events_after(cursor, got) is None
         assert got.events == []
+
+    async def test_long_stream_ids_alike_but_for_their_end_are_two_streams(self, root: Any) -> None:
+        view = root.session("s1")
+        first, second = "x" * 5000 + "1", "x" * 5000 + "2"
+        cursors = [await view.store_event(stream_id, None) for stream_id in (first, second)]
+        await view.store_event(first, notification("first"))
+        await view.store_event(second, notification("second"))
+        for cursor, stream_id, text in zip(cursors, (first, second), ("first", "second"), strict=True):
+            got = Recorder()
+            assert await view.replay_events_after(cursor, got) == stream_id
+            assert [e.message for e in got.events] == [notification(text)]
 
     async def test_too_long_stream_id_is_refused_clearly(self, root: Any) -> None:
         with pytest.raises(StreamIdTooLongError, match="stream id"):

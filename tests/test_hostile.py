@@ -10,9 +10,10 @@ What these tests found out, and pin down:
   stops at 200: a message in between was stored, then failed every replay (and
   took the rest of its stream down with it). ``load_message`` now falls back to
   Python's parser for it. Deeper messages are refused by ``store_event``.
-- A request id over 2 KB (UTF-8) is refused with ``StreamIdTooLongError``; the SDK
-  answers that POST with a 500 of its own (it does so for any store that raises)
-  and the session carries on. Other sessions see nothing of it.
+- A request id over 2 KB (UTF-8) was refused with ``StreamIdTooLongError``: the SDK
+  answered that POST with a 500 of its own, or, when the SDK's message router
+  stored it, ended the session. Such an id is now indexed by its hash and kept in
+  full beside it: it round-trips like any other. Only ids over 1 MB are refused.
 - A request id holding a lone surrogate (``"\\ud800"`` in the JSON): mcp 2.x refuses
   the body (400); mcp 1.x parses it, then neither it nor the store can serialize
   the response, and the SDK's message router for that session stops. Only that
@@ -43,7 +44,7 @@ from hypothesis import strategies as st
 from mcp_pg_events import PostgresEventStore, SessionEventStore, StreamIdTooLongError, run_retention
 from mcp_pg_events.demo import SSEStream, new_server, streamable_app
 from mcp_pg_events.event_ids import parse_event_id
-from mcp_pg_events.store import MAX_SESSION_KEY_LENGTH, MAX_STREAM_ID_BYTES
+from mcp_pg_events.store import INDEXED_STREAM_ID_BYTES, MAX_SESSION_KEY_LENGTH, MAX_STREAM_ID_BYTES
 
 from .mcp_http import SSE, McpClient, RecordingStore, build_app, data_events, serve
 from .messages import MCP_MAJOR, notification, progress_message, response
@@ -236,13 +237,16 @@ long_runs = st.builds(lambda ch, n: ch * n, st.characters(), st.integers(400, 21
 @example(stream_id="\ud83c\udf89")  # a surrogate pair as two code points, not one 🎉
 @example(stream_id="_GET_stream")
 @example(stream_id="' OR 1=1 --")
+@example(stream_id="x" * INDEXED_STREAM_ID_BYTES)
+@example(stream_id="x" * (INDEXED_STREAM_ID_BYTES + 1))
+@example(stream_id="é" * (INDEXED_STREAM_ID_BYTES // 2))
+@example(stream_id="é" * (INDEXED_STREAM_ID_BYTES // 2) + "x")
+@example(stream_id="🎉" * (INDEXED_STREAM_ID_BYTES // 4))
+@example(stream_id="🎉" * (INDEXED_STREAM_ID_BYTES // 4 + 1))
+@example(stream_id="\ud800" * INDEXED_STREAM_ID_BYTES)
+@example(stream_id="x" * 100_000)
 @example(stream_id="x" * MAX_STREAM_ID_BYTES)
 @example(stream_id="x" * (MAX_STREAM_ID_BYTES + 1))
-@example(stream_id="é" * (MAX_STREAM_ID_BYTES // 2))
-@example(stream_id="é" * (MAX_STREAM_ID_BYTES // 2) + "x")
-@example(stream_id="🎉" * (MAX_STREAM_ID_BYTES // 4))
-@example(stream_id="🎉" * (MAX_STREAM_ID_BYTES // 4 + 1))
-@example(stream_id="x" * 100_000)
 async def test_any_stream_id_round_trips_exactly_or_is_refused_as_too_long(
     store: PostgresEventStore, admin: asyncpg.Connection, stream_id: str
 ) -> None:
@@ -552,8 +556,9 @@ request_ids = (
 @hostile(max_examples=15)
 @given(request_id=request_ids)
 @example(request_id="x" * 3000)
-@example(request_id="é" * (MAX_STREAM_ID_BYTES // 2 + 1))
-@example(request_id="x" * MAX_STREAM_ID_BYTES)
+@example(request_id="é" * (INDEXED_STREAM_ID_BYTES // 2 + 1))
+@example(request_id="x" * INDEXED_STREAM_ID_BYTES)
+@example(request_id="x" * (MAX_STREAM_ID_BYTES + 1))
 @example(request_id="nul\x00id")
 @example(request_id="ünï ✓ 🎉 \u2028 \x85 \r\n")
 @example(request_id="1' OR '1'='1")
@@ -566,8 +571,8 @@ async def test_a_hostile_request_id_is_answered_on_its_own_stream_or_refused_and
     await evil.initialize()
     answer = await post_raw(evil, call_with_id(request_id))
     if utf8_size(str(request_id)) > MAX_STREAM_ID_BYTES:
-        # The store refuses the stream id (StreamIdTooLongError); the SDK answers
-        # any store that raises with a 500, to this one request.
+        # Over a megabyte the store refuses the stream id (StreamIdTooLongError);
+        # the SDK answers any store that raises with a 500, to this one request.
         assert answer.status_code == 500
         assert "data:" not in answer.text
     else:
