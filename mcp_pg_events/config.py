@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+from urllib.parse import unquote
 
 from .errors import ConfigurationError, McpPgEventsError, StoreUnavailableError
 
@@ -41,11 +43,61 @@ def connection_error(dsn: str, exc: BaseException) -> McpPgEventsError:
     return ConfigurationError(f"cannot connect to {redact(dsn)}: {exc}")
 
 
+_MASK = "***"
+# A URI as libpq reads it: postgresql:// or postgres://, and alembic's +driver forms.
+_URI = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://")
+# key = value pairs: a value is single-quoted (backslash escapes inside) or runs to
+# the next blank. Any key naming a password (password, sslpassword).
+_KEY_VALUE_PASSWORD = re.compile(r"(?i)(\b[a-z_]*password\s*=\s*)('(?:[^'\\]|\\.)*'?|(?:[^\s\\]|\\.)*)")
+
+
 def redact(dsn: str) -> str:
-    """The DSN with its password hidden, for error messages and logs."""
-    scheme, sep, rest = dsn.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return dsn
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    """The DSN with every password hidden, for error messages and logs.
+
+    Every form libpq accepts: ``user:password@`` in a URI (also one password
+    that is not percent-encoded and holds ``@``, ``/``, ``?`` or ``#``, and
+    multi-host URIs), ``password=`` / ``sslpassword=`` query parameters in any
+    case or percent-encoding, and the key/value form ``host=... password=...``,
+    quoted values included.
+    """
+    match = _URI.match(dsn)
+    if match is None:
+        return _KEY_VALUE_PASSWORD.sub(lambda m: m.group(1) + _MASK, dsn)
+    head, rest = dsn[: match.end()], dsn[match.end() :]
+    # Where the user info ends, read the ways a client may: libpq takes the first
+    # "@" met before any "/", a URL parser (asyncpg's) the last "@" before the
+    # path. A password that is not percent-encoded may hold "@", "/", "?" or "#":
+    # mask up to the later of libpq's "@" and the last "@" that is not inside a
+    # query parameter's value, so that no reading shows any of it.
+    slash = rest.find("/")
+    end = rest.find("@")
+    if slash != -1 and end > slash:
+        end = -1
+    at = len(rest)
+    while (at := rest.rfind("@", 0, at)) > end:
+        parameter = max(rest.rfind("?", 0, at), rest.rfind("&", 0, at))
+        if parameter == -1 or "=" not in rest[parameter:at]:
+            end = at
+            break
+    if end != -1:
+        user, colon, _ = rest[:end].partition(":")
+        if colon:
+            rest = f"{user}:{_MASK}{rest[end:]}"
+            end = len(user) + 1 + len(_MASK)
+    query_at = rest.find("?", max(end, 0))
+    if query_at == -1:
+        return head + rest
+    fragment_at = rest.find("#", query_at)
+    query_end = fragment_at if fragment_at != -1 else len(rest)
+    pairs = []
+    masked = False
+    for pair in rest[query_at + 1 : query_end].split("&"):
+        key, equals, _ = pair.partition("=")
+        if equals and "password" in unquote(key).lower():
+            pair, masked = f"{key}={_MASK}", True
+        elif not equals and masked:
+            pair = _MASK  # the rest of a password holding a raw "&"
+        else:
+            masked = False
+        pairs.append(pair)
+    return head + rest[: query_at + 1] + "&".join(pairs) + rest[query_end:]
