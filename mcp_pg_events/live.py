@@ -13,6 +13,14 @@ Notifications are lost when the listener is down, so every (re)connect is follow
 by a catch-up of every subscription, and a slow poll catches up everything
 periodically as a safety net. Without a listener (``listen=False``, e.g. behind
 PgBouncer in transaction mode) the poll alone delivers everything.
+
+Any role that may connect to the database may NOTIFY on the channel, so a flood
+must cost little: the callback does O(1) work, at most ``MAX_PAYLOADS_PER_ROUND``
+distinct payloads are kept between two fetch rounds (past that, and for a payload
+longer than a writer sends, every subscription is caught up instead), a payload
+is read only so far (``wakeups.MAX_KEYS``), one that cannot be read is ignored,
+and catch-ups of every subscription that notifications ask for come at most once
+per ``catch_up_all_interval``.
 """
 
 from __future__ import annotations
@@ -36,6 +44,13 @@ logger = logging.getLogger("mcp_pg_events")
 
 # How the listener shows in pg_stat_activity.
 LISTENER_NAME = "mcp-pg-events listener"
+# Distinct payloads kept between two fetch rounds at most. Writers coalesce their
+# wake-ups (a statement per writer process per notify_interval, one payload per 64
+# streams), so a round rarely has more; past it, every subscription is caught up
+# instead of reading them.
+MAX_PAYLOADS_PER_ROUND = 128
+# Ignored and dropped payloads are logged once per this many seconds at most.
+FLOOD_LOG_INTERVAL = 60.0
 # The stream id the SDK uses for messages that belong to no request; it never completes.
 STANDALONE_STREAM = "_GET_stream"
 
@@ -192,6 +207,14 @@ class LiveTail:
             lags holds at most about this many events.
         retry_deadline: seconds a catch-up query retries transient errors
             before its subscriptions fail.
+        catch_up_all_interval: seconds between two catch-ups of every
+            subscription that notifications ask for (``*``, or more payloads in
+            one round than MAX_PAYLOADS_PER_ROUND) at least: a flood of them
+            costs one per interval, and delays the wake-ups it drowned by as much.
+
+    ``unreadable_payloads`` counts the payloads ignored because no writer sends
+    them, ``dropped_payloads`` those not read (past MAX_PAYLOADS_PER_ROUND, or
+    longer than a writer sends) and replaced by a catch-up of every subscription.
     """
 
     def __init__(
@@ -204,6 +227,7 @@ class LiveTail:
         page_size: int = 500,
         retry_deadline: float = 30.0,
         fetch_batch: int = 1000,
+        catch_up_all_interval: float = 0.1,
     ) -> None:
         self._pool = pool
         self._listen_dsn = listen_dsn
@@ -215,11 +239,19 @@ class LiveTail:
         self._by_stream: dict[int, set[Subscription]] = {}
         self._due: dict[Subscription, None] = {}  # insertion-ordered set
         self._due_event = asyncio.Event()
-        # Payloads received since the fetch loop last looked, each once.
+        # Payloads received since the fetch loop last looked, each once, and
+        # whether more came than were kept.
         self._payloads: set[str] = set()
+        self._overflow = False
+        self._catch_up_all_interval = catch_up_all_interval
+        self._last_catch_up_all = float("-inf")
+        self._catch_up_all_timer: asyncio.TimerHandle | None = None
+        self._next_flood_log = float("-inf")
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
         self.reconnects = 0
+        self.unreadable_payloads = 0
+        self.dropped_payloads = 0
 
     @property
     def subscriptions(self) -> int:
@@ -239,6 +271,9 @@ class LiveTail:
         await self._listening.wait()
 
     async def close(self) -> None:
+        if self._catch_up_all_timer is not None:
+            self._catch_up_all_timer.cancel()
+            self._catch_up_all_timer = None
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -282,19 +317,67 @@ class LiveTail:
             self._due_event.set()
 
     def _on_notification(self, conn: Any, pid: int, channel: str, payload: object) -> None:
-        # Runs in asyncpg's protocol callback, for every notification on the channel
-        # (from every writer process, or a flood): keep it O(1); the fetch loop reads
-        # the payloads once per round, however many repeat.
-        self._payloads.add(str(payload))
+        # Runs for every notification on the channel, from every writer process or
+        # from a flood: O(1). A payload longer than a writer sends is not even kept
+        # (it means "every stream", see wakeups.decode); the fetch loop reads the
+        # others once per round, however many repeat.
+        text = str(payload)
+        if len(text) <= wakeups.LONGEST_PAYLOAD and len(self._payloads) < MAX_PAYLOADS_PER_ROUND:
+            self._payloads.add(text)
+        else:
+            self._overflow = True
+            self.dropped_payloads += 1
         self._due_event.set()
 
     def _read_payloads(self) -> None:
         payloads, self._payloads = self._payloads, set()
+        every_stream, self._overflow = self._overflow, False
+        unreadable = self.unreadable_payloads
         for payload in payloads:
-            keys = wakeups.decode(payload)
-            self.mark_streams(keys)
+            try:
+                keys = wakeups.decode(payload)
+            except ValueError:
+                self.unreadable_payloads += 1
+                continue
             if keys is None:
-                return  # every subscription is due already
+                every_stream = True
+            else:
+                self.mark_streams(keys)
+        if every_stream:
+            self._catch_up_all()
+        if every_stream or self.unreadable_payloads != unreadable:
+            self._log_flood()
+
+    def _catch_up_all(self) -> None:
+        """Mark every subscription due, now or, if one was done less than catch_up_all_interval ago, then."""
+        if self._catch_up_all_timer is not None:
+            return  # one is coming
+        loop = asyncio.get_running_loop()
+        wait = self._last_catch_up_all + self._catch_up_all_interval - loop.time()
+        if wait > 0:
+            self._catch_up_all_timer = loop.call_later(wait, self._catch_up_all_now)
+        else:
+            self._catch_up_all_now()
+
+    def _catch_up_all_now(self) -> None:
+        self._catch_up_all_timer = None
+        self._last_catch_up_all = asyncio.get_running_loop().time()
+        self.mark_all()
+
+    def _log_flood(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now < self._next_flood_log or not (self.unreadable_payloads or self.dropped_payloads):
+            return
+        self._next_flood_log = now + FLOOD_LOG_INTERVAL
+        logger.warning(
+            "live tail: %d notifications on %s ignored (no writer sends them) and %d not read "
+            "(over %d in one round, or longer than a writer sends) so far; "
+            "a role that may connect to the database may be flooding it",
+            self.unreadable_payloads,
+            wakeups.CHANNEL,
+            self.dropped_payloads,
+            MAX_PAYLOADS_PER_ROUND,
+        )
 
     async def _fetch_loop(self) -> None:
         while True:

@@ -62,9 +62,10 @@ END_SESSION = "UPDATE mcp_events_sessions SET ended_at = now() WHERE key = $1 AN
 # $1 stream keys
 EXISTING_STREAMS = "SELECT id FROM mcp_events_streams WHERE id = ANY($1::bigint[])"
 
-# A wake-up for live readers, sent after the commit it announces (see wakeups.py).
-# $1 channel, $2 payload
-NOTIFY = "SELECT pg_notify($1, $2)"
+# A wake-up for live readers, sent after the commit it announces (see wakeups.py):
+# one notification per payload, all in one transaction.
+# $1 channel, $2 payloads
+NOTIFY = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
 
 # End the server process of an append whose answer was lost, and wait (up to 10 s)
 # until it is gone, so it cannot commit after we looked. Only a process of our own

@@ -1,8 +1,15 @@
 """Wake-up notifications: which streams have new events, sent after their commit.
 
 One channel, versioned so that a future payload format can live beside this one.
-A payload is the decimal keys of the streams that changed, comma-separated, or
-``*`` (look at every stream) when they would not fit in one notification.
+A payload is the decimal keys of the streams that changed, comma-separated, at
+most ``MAX_KEYS`` of them: a writer sends as many payloads as it needs. ``*``
+means "look at every stream" (the previous release sends it when its list would
+not fit in one notification, and lists of any length up to that).
+
+Any role that may connect to the database may NOTIFY on the channel, and every
+listener must read what it sends: a listener reads a bounded amount of each
+payload, ignores one it cannot read, and takes a longer one than a writer sends
+for ``*`` (see ``live.LiveTail``).
 
 NOTIFY is never part of an append's transaction: at commit it takes a cluster-wide
 lock held through the WAL flush, and when the notification queue is full (a
@@ -29,22 +36,41 @@ CHANNEL = "mcp_events_v1"
 EVERY_STREAM = "*"
 # PostgreSQL refuses payloads of 8000 bytes or more.
 MAX_PAYLOAD = 7900
+# Stream keys per payload. What a listener parses of one payload stays small (a
+# flood of payloads costs the event loop little), and MAX_KEYS keys of 19 digits
+# and their commas stay far under MAX_PAYLOAD.
+MAX_KEYS = 64
+# The longest payload a writer of this version sends: MAX_KEYS keys of 19 digits.
+LONGEST_PAYLOAD = MAX_KEYS * 20 - 1
+_DIGITS_AND_COMMAS = b"0123456789,"
 
 
-def encode(stream_keys: Iterable[int]) -> str:
-    """The payload naming ``stream_keys``."""
-    payload = ",".join(map(str, stream_keys))
-    return payload if len(payload) <= MAX_PAYLOAD else EVERY_STREAM
+def encode(stream_keys: Iterable[int]) -> list[str]:
+    """The payloads naming ``stream_keys``: MAX_KEYS keys each at most, none longer than LONGEST_PAYLOAD."""
+    keys = [str(key) for key in stream_keys]
+    return [",".join(keys[i : i + MAX_KEYS]) for i in range(0, len(keys), MAX_KEYS)]
 
 
 def decode(payload: str) -> list[int] | None:
-    """The stream keys a payload names; None for every stream (or one we cannot read)."""
-    if payload == EVERY_STREAM:
+    """The stream keys ``payload`` names; None for every stream.
+
+    None also, without reading it, for a payload longer than LONGEST_PAYLOAD or
+    naming more than MAX_KEYS streams: no writer of this version sends one (the
+    previous release did), and reading it would cost a listener more than a
+    payload may. Raises ``ValueError`` for a payload in no format of this
+    channel, which no writer sent.
+    """
+    if payload == EVERY_STREAM or len(payload) > LONGEST_PAYLOAD:
         return None
-    try:
-        return [int(key) for key in payload.split(",")]
-    except ValueError:
+    # In C over the bytes: str.replace or a regex take several times as long.
+    if not payload.isascii() or payload.encode().translate(None, _DIGITS_AND_COMMAS):
+        raise ValueError(f"not a wake-up payload: {payload[:40]!r}")
+    if payload.count(",") >= MAX_KEYS:
         return None
+    keys = payload.split(",")
+    if not all(keys):
+        raise ValueError(f"not a wake-up payload: {payload[:40]!r}")
+    return [int(key) for key in keys]
 
 
 class Notifier:
