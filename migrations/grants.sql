@@ -23,6 +23,42 @@
 -- Run it again after `mcp-pg-events migrate` adds a revision.
 \set ON_ERROR_STOP on
 
+-- The database. PostgreSQL lets PUBLIC, every role of the cluster, connect to a
+-- new database and create temporary objects in it. Connecting is all it takes
+-- to NOTIFY on the store's wake-up channel, which every listener must read;
+-- temporary objects are what shadowed tables and types inside SECURITY DEFINER
+-- functions before revision 0004 pinned their search_path (this is the second
+-- line of defence). So only the owner and the two roles may connect, and
+-- neither role may create temporary objects. Roles of your own that use this
+-- database need a GRANT CONNECT of their own (and TEMPORARY, if they create
+-- temporary tables). Only the database's owner may change this: run by
+-- another role, this part changes nothing and says so in a WARNING.
+SET mcp_events.runtime_role = :"runtime_role";
+SET mcp_events.retention_role = :"retention_role";
+DO $$
+DECLARE
+    v_database CONSTANT text := current_database();
+    v_roles CONSTANT text[] := ARRAY[
+        current_setting('mcp_events.runtime_role'), current_setting('mcp_events.retention_role')
+    ];
+    v_role text;
+BEGIN
+    IF pg_has_role((SELECT datdba FROM pg_database WHERE datname = v_database), 'MEMBER') THEN
+        EXECUTE format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', v_database);
+        FOREACH v_role IN ARRAY v_roles LOOP
+            EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', v_database, v_role);
+        END LOOP;
+    ELSIF has_database_privilege('public', v_database, 'CONNECT, TEMPORARY')
+        OR NOT has_database_privilege(v_roles[1], v_database, 'CONNECT')
+        OR NOT has_database_privilege(v_roles[2], v_database, 'CONNECT') THEN
+        RAISE WARNING 'only the owner of database % may revoke CONNECT and TEMPORARY on it from PUBLIC '
+            'and grant CONNECT to the two roles: ask it to run this file too', v_database;
+    END IF;
+END
+$$;
+RESET mcp_events.runtime_role;
+RESET mcp_events.retention_role;
+
 -- The store: find or create sessions and streams (INSERT ... ON CONFLICT DO
 -- UPDATE needs UPDATE), mark sessions ended (end_session), append and replay.
 GRANT SELECT, INSERT, UPDATE ON mcp_events_sessions, mcp_events_streams TO :"runtime_role";
