@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from alembic import command
 from alembic.script import ScriptDirectory
 
-from mcp_pg_events import migrate
+from mcp_pg_events import PostgresEventStore, migrate, run_retention
 from mcp_pg_events.schema import SCHEMA_REVISION
+
+from .deployments import new_roles, quote_ident
+from .messages import notification
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,3 +78,48 @@ async def test_alembic_upgrade_head_from_the_repository_root(empty_dsn: str) -> 
         assert await conn.fetchval("SELECT version_num FROM mcp_events_alembic_version") == SCHEMA_REVISION
     finally:
         await conn.close()
+
+
+async def test_in_a_schema_named_anyhow_every_function_is_pinned_to_it_and_works(empty_dsn: str) -> None:
+    schema = 'mcp events "tenant"'
+    async with new_roles(empty_dsn, "own") as ((owner,), password):
+        admin = await asyncpg.connect(empty_dsn)
+        try:
+            await admin.execute(f"CREATE SCHEMA {quote_ident(schema)} AUTHORIZATION {quote_ident(owner)}")
+            # How an application puts its tables in a schema of its own.
+            await admin.execute(f"ALTER ROLE {quote_ident(owner)} SET search_path = {quote_ident(schema)}")
+        finally:
+            await admin.close()
+        parts = urlsplit(empty_dsn)
+        owner_dsn = urlunsplit(parts._replace(netloc=f"{owner}:{password}@{parts.netloc.rpartition('@')[2]}"))
+        await asyncio.to_thread(migrate.upgrade, owner_dsn)
+        conn = await asyncpg.connect(owner_dsn)
+        try:
+            events_schema = "SELECT relnamespace::regnamespace::text FROM pg_class WHERE relname = $1"
+            assert await conn.fetchval(events_schema, "mcp_events_events") == quote_ident(schema)
+            configs = await conn.fetch(
+                "SELECT p.proname, p.proconfig FROM pg_proc p WHERE p.proname LIKE 'mcp\\_events\\_%' "
+                "AND p.prokind = 'f' AND p.pronamespace = to_regnamespace($1)",
+                quote_ident(schema),
+            )
+            assert len(configs) == 12
+            assert {tuple(r["proconfig"]) for r in configs} == {
+                (f"search_path=pg_catalog, {quote_ident(schema)}, pg_temp",)
+            }
+            # The functions' own DDL lands in that schema, and retention finds it there.
+            assert await conn.fetchval("SELECT mcp_events_ensure_partitions(5)") == 3
+            async with await PostgresEventStore.connect(owner_dsn) as store:
+                for i in range(25):
+                    await store.session("s").store_event("1", None if i == 0 else notification(str(i)))
+            in_schema = await conn.fetchval(
+                "SELECT count(*) FROM mcp_events_partitions() p JOIN pg_class c ON c.oid = p.relid "
+                "WHERE p.attached AND c.relnamespace = to_regnamespace($1)",
+                quote_ident(schema),
+            )
+            assert in_schema == 5
+            report = await run_retention(owner_dsn, ttl=timedelta(0))
+            assert report.complete and report.partitions_dropped >= 1
+        finally:
+            await conn.close()
+        await asyncio.to_thread(migrate.downgrade, owner_dsn, "0003")
+        await asyncio.to_thread(migrate.upgrade, owner_dsn)
