@@ -546,6 +546,19 @@ async def still_answers(client: McpClient) -> None:
     assert reply is not None and reply["result"]["content"][0]["text"] == "sent 1"
 
 
+async def answered_on_a_stream_that_resumes(
+    client: McpClient, answer: httpx.Response, request_id: Any
+) -> None:
+    """``answer`` (to a ``progress`` call of ``call_with_id``) is the reply; its stream resumes exactly."""
+    assert answer.status_code == 200
+    events = await sse_events(answer)
+    (reply,) = [e.message for e in data_events(events)]
+    assert reply is not None and reply["id"] == request_id
+    assert reply["result"]["content"][0]["text"] == "sent 1"
+    # The stream id is the request id: its stream resumes, exactly.
+    assert data_events(await resume(client, events[0].id)) == data_events(events)
+
+
 request_ids = (
     st.text(st.characters(exclude_categories=["Cs"]), max_size=30)
     | st.builds(lambda ch, n: ch * n, st.characters(exclude_categories=["Cs"]), st.integers(500, 2100))
@@ -576,13 +589,7 @@ async def test_a_hostile_request_id_is_answered_on_its_own_stream_or_refused_and
         assert answer.status_code == 500
         assert "data:" not in answer.text
     else:
-        assert answer.status_code == 200
-        events = await sse_events(answer)
-        (reply,) = [e.message for e in data_events(events)]
-        assert reply is not None and reply["id"] == request_id
-        assert reply["result"]["content"][0]["text"] == "sent 1"
-        # The stream id is the request id: its stream resumes, exactly.
-        assert data_events(await resume(evil, events[0].id)) == data_events(events)
+        await answered_on_a_stream_that_resumes(evil, answer, request_id)
     await still_answers(evil)
     await peers.alice_still_resumes()
 
