@@ -22,19 +22,9 @@ import httpx
 import uvicorn
 from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
 
+from .compat import MCP_MAJOR, Context, new_server, streamable_http_app
 from .integration import scope_sessions
 from .messages import dump_message
-
-try:  # mcp 2.x
-    from mcp.server.mcpserver import Context  # type: ignore[import-not-found, unused-ignore]
-    from mcp.server.mcpserver import MCPServer as _Server  # type: ignore[import-not-found, unused-ignore]
-
-    MCP_MAJOR = 2
-except ImportError:  # mcp 1.x
-    from mcp.server.fastmcp import Context  # type: ignore[attr-defined, no-redef, unused-ignore]
-    from mcp.server.fastmcp import FastMCP as _Server  # type: ignore[attr-defined, no-redef, assignment, unused-ignore]
-
-    MCP_MAJOR = 1
 
 PROTOCOL_VERSION = "2025-11-25"
 READ_TIMEOUT = 15.0
@@ -54,16 +44,9 @@ __all__ = [
 ]
 
 
-def new_server(name: str, store: EventStore | None) -> Any:
-    """An ``MCPServer`` (mcp 2.x) or a ``FastMCP`` (mcp 1.x), which takes the store up front."""
-    if MCP_MAJOR == 2:
-        return _Server(name)
-    return _Server(name, event_store=store)  # type: ignore[call-arg, unused-ignore]
-
-
 def streamable_app(server: Any, store: EventStore | None) -> Any:
     """The server's Streamable HTTP app, with each session scoped to its own view of ``store``."""
-    app = server.streamable_http_app(event_store=store) if MCP_MAJOR == 2 else server.streamable_http_app()
+    app = streamable_http_app(server, store)
     scope_sessions(server.session_manager)
     return app
 

@@ -1,8 +1,8 @@
 """Live tail: subscriptions that yield a stream's events as they commit, in any process.
 
-One ``LiveTail`` per store (so, usually, per process) holds one LISTEN connection
-outside the pool, shared by every subscription. Its notification callback only
-marks subscriptions as due; one fetch task then reads, in a single query, the
+One ``LiveTail`` per store (so, usually, per process) follows the store's one
+LISTEN connection (``listener.py``), shared by every subscription. Its
+notification handler only marks subscriptions as due; one fetch task then reads, in a single query, the
 events after the cursor of every due subscription, and hands each its rows.
 Delivery therefore never depends on a notification arriving: a notification only
 says when to look. What is looked at is always "after my cursor", so nothing is
@@ -18,7 +18,6 @@ PgBouncer in transaction mode) the poll alone delivers everything.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -28,26 +27,19 @@ import asyncpg
 from mcp.server.streamable_http import EventMessage
 
 from . import sql, wakeups
+from .compat import STANDALONE_STREAM
+from .database import Database
 from .event_ids import format_event_id
+from .listener import Listener
 from .messages import answered_request, load_message
-from .retry import Backoff, is_transient
+from .settings import StoreSettings
 
-logger = logging.getLogger("mcp_pg_events")
-
-# How the listener shows in pg_stat_activity.
-LISTENER_NAME = "mcp-pg-events listener"
-# The stream id the SDK uses for messages that belong to no request; it never completes.
-STANDALONE_STREAM = "_GET_stream"
+logger = logging.getLogger(__name__)
 
 
 def ends_stream(answered: str | None, stream_name: str) -> bool:
     """True when a message answering request ``answered`` (see ``answered_request``) ends ``stream_name``."""
     return answered is not None and answered == stream_name and stream_name != STANDALONE_STREAM
-
-
-def _settle(future: asyncio.Future[None], *_: object) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class Subscription:
@@ -180,46 +172,30 @@ class Subscription:
 
 
 class LiveTail:
-    """The listener, the fetch task and the registry of one store's subscriptions.
+    """The fetch task and the registry of one store's subscriptions, woken by its listener.
 
     Args:
-        pool: connections for the catch-up queries.
-        listen_dsn: where the LISTEN connection goes; None for poll only.
-        poll_interval: seconds between two catch-ups of every subscription, the
-            safety net for lost notifications (and the only delivery without a listener).
-        ping_interval: seconds between liveness probes of an idle listener.
-        page_size: rows per subscription per query; a subscription whose reader
-            lags holds at most about this many events.
-        retry_deadline: seconds a catch-up query retries transient errors
-            before its subscriptions fail.
+        db: the gateway the catch-up queries go through (a transient error is
+            retried until its deadline, then fails the subscriptions concerned).
+        listener: the store's LISTEN connection; None for poll only.
+        settings: ``poll_interval`` (the safety net for lost notifications, and
+            the only delivery without a listener), ``replay_batch_size`` (rows per
+            subscription per query: a subscription whose reader lags holds at
+            most about this many events) and ``tail_batch`` (subscriptions per query).
     """
 
-    def __init__(
-        self,
-        pool: asyncpg.Pool[Any],
-        *,
-        listen_dsn: str | None,
-        poll_interval: float,
-        ping_interval: float = 5.0,
-        page_size: int = 500,
-        retry_deadline: float = 30.0,
-        fetch_batch: int = 1000,
-    ) -> None:
-        self._pool = pool
-        self._listen_dsn = listen_dsn
-        self._poll_interval = poll_interval
-        self._ping_interval = ping_interval
-        self.page_size = page_size
-        self._retry_deadline = retry_deadline
-        self._fetch_batch = fetch_batch
+    def __init__(self, db: Database, listener: Listener | None, settings: StoreSettings) -> None:
+        self._db = db
+        self._listener = listener
+        self._poll_interval = settings.poll_interval
+        self.page_size = settings.replay_batch_size
+        self._fetch_batch = settings.tail_batch
         self._by_stream: dict[int, set[Subscription]] = {}
         self._due: dict[Subscription, None] = {}  # insertion-ordered set
         self._due_event = asyncio.Event()
         # Payloads received since the fetch loop last looked, each once.
         self._payloads: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._listening = asyncio.Event()
-        self.reconnects = 0
 
     @property
     def subscriptions(self) -> int:
@@ -231,12 +207,11 @@ class LiveTail:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._fetch_loop(), name="mcp-pg-events fetch"))
         self._tasks.append(loop.create_task(self._poll_loop(), name="mcp-pg-events poll"))
-        if self._listen_dsn is not None:
-            self._tasks.append(loop.create_task(self._listen_loop(), name="mcp-pg-events listener"))
+        if self._listener is not None:
+            self._tasks.append(loop.create_task(self._listen(self._listener)))
 
-    async def wait_listening(self) -> None:
-        """Return once the listener is connected (for tests and benchmarks)."""
-        await self._listening.wait()
+    async def _listen(self, listener: Listener) -> None:
+        await listener.listen(wakeups.CHANNEL, self._on_notification, self.mark_all)
 
     async def close(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -281,11 +256,11 @@ class LiveTail:
         if self._due:
             self._due_event.set()
 
-    def _on_notification(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+    def _on_notification(self, payload: str) -> None:
         # Runs in asyncpg's protocol callback, for every notification on the channel
         # (from every writer process, or a flood): keep it O(1); the fetch loop reads
         # the payloads once per round, however many repeat.
-        self._payloads.add(str(payload))
+        self._payloads.add(payload)
         self._due_event.set()
 
     def _read_payloads(self) -> None:
@@ -321,25 +296,18 @@ class LiveTail:
                             sub._fail(exc)
 
     async def _fetch(self, batch: list[Subscription]) -> None:
-        backoff: Backoff | None = None
-        while True:
-            try:
-                rows = await self._pool.fetch(
-                    sql.TAIL_PAGES,
-                    [sub.stream_key for sub in batch],
-                    [sub.after for sub in batch],
-                    self.page_size,
-                )
-                break
-            except Exception as exc:
-                if is_transient(exc):
-                    backoff = backoff or Backoff(self._retry_deadline)
-                    if await backoff.wait():
-                        continue
-                logger.warning("live tail: catch-up query failed: %r", exc)
-                for sub in batch:
-                    sub._fail(exc)
-                return
+        try:
+            rows = await self._db.fetch(
+                sql.TAIL_PAGES,
+                [sub.stream_key for sub in batch],
+                [sub.after for sub in batch],
+                self.page_size,
+            )
+        except Exception as exc:
+            logger.warning("live tail: catch-up query failed: %r", exc)
+            for sub in batch:
+                sub._fail(exc)
+            return
         by_index: dict[int, list[asyncpg.Record]] = {}
         for row in rows:
             by_index.setdefault(row[0], []).append(row)
@@ -380,37 +348,3 @@ class LiveTail:
         while True:
             await asyncio.sleep(self._poll_interval)
             self.mark_all()
-
-    async def _listen_loop(self) -> None:
-        assert self._listen_dsn is not None
-        backoff: Backoff | None = None
-        while True:
-            conn: asyncpg.Connection[Any] | None = None
-            try:
-                conn = await asyncpg.connect(
-                    self._listen_dsn, timeout=10, server_settings={"application_name": LISTENER_NAME}
-                )
-                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                conn.add_termination_listener(functools.partial(_settle, lost))
-                await conn.add_listener(wakeups.CHANNEL, self._on_notification)
-                # Whatever committed while we were not listening was announced to nobody.
-                self.mark_all()
-                self._listening.set()
-                backoff = None
-                while True:
-                    try:
-                        await asyncio.wait_for(asyncio.shield(lost), self._ping_interval)
-                        raise ConnectionError("the listener connection closed")
-                    except asyncio.TimeoutError:
-                        await conn.fetchval("SELECT 1", timeout=self._ping_interval)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._listening.clear()
-                self.reconnects += 1
-                logger.warning("live tail: listener lost, reconnecting: %r", exc)
-                backoff = backoff if backoff is not None else Backoff(float("inf"), cap=5.0)
-                await backoff.wait()
-            finally:
-                if conn is not None:
-                    conn.terminate()

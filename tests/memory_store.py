@@ -12,8 +12,8 @@ from typing import Any
 from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
 
 from mcp_pg_events import StreamIdTooLongError, UnscopedEventStoreError
+from mcp_pg_events.event_log import MAX_STREAM_ID_BYTES
 from mcp_pg_events.messages import dump_message, event_message
-from mcp_pg_events.store import MAX_STREAM_ID_BYTES
 
 
 class MemoryEventStore(EventStore):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore, StreamIdTooLongError, UnscopedEventStoreError
-from mcp_pg_events.store import MAX_STREAM_ID_BYTES
+from mcp_pg_events.event_log import MAX_STREAM_ID_BYTES
 
 from .memory_store import MemoryEventStore
 from .messages import error, notification, progress_message, request, response

@@ -101,7 +101,7 @@ async def test_the_runtime_role_appends_replays_follows_live_and_ends_sessions(
 
         async with view.subscribe(ids[-1]) as following:
             assert await following.open()
-            await asyncio.wait_for(store.live_tail.wait_listening(), 10)
+            await asyncio.wait_for(store.listener.wait_listening(), 10)
             events = aiter(following)
             async with deployment.store() as writer:
                 writing = writer.session("s")

@@ -11,7 +11,7 @@ import pytest
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore
-from mcp_pg_events.live import LISTENER_NAME
+from mcp_pg_events.listener import LISTENER_NAME
 
 from .messages import model_of, notification, params_of, progress_message, response
 from .proxy import FlakyProxy
@@ -76,7 +76,7 @@ async def test_a_subscriber_gets_what_another_process_writes_in_order(
     cursor = await view.store_event("7", None)
     subscription = view.subscribe(cursor)
     assert await subscription.open()
-    await live_store.live_tail.wait_listening()
+    await live_store.listener.wait_listening()
 
     count = 300
     writer = await WriterProcess.start(dsn, "s", "w", ["7"], end=count, respond=True)
@@ -101,8 +101,7 @@ async def test_a_killed_listener_misses_nothing_and_doubles_nothing(
         cursor = await view.store_event("3", None)
         subscription = view.subscribe(cursor)
         assert await subscription.open()
-        tail = store.live_tail
-        await tail.wait_listening()
+        await store.listener.wait_listening()
         reading = asyncio.create_task(collect(subscription))
 
         async def write(numbers: range) -> None:
@@ -120,7 +119,7 @@ async def test_a_killed_listener_misses_nothing_and_doubles_nothing(
         events = await reading
         assert [progress(e) for e in events] == [*range(200), ("response", 3)]
         assert len({e.event_id for e in events}) == len(events)
-        assert tail.reconnects >= 1
+        assert store.listener.reconnects >= 1
 
 
 async def test_poll_only_mode_delivers_everything(dsn: str) -> None:

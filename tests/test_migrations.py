@@ -12,7 +12,7 @@ from alembic import command
 from alembic.script import ScriptDirectory
 
 from mcp_pg_events import migrate
-from mcp_pg_events.schema import SCHEMA_REVISION
+from mcp_pg_events.database import SCHEMA_REVISION
 
 ROOT = Path(__file__).resolve().parent.parent
 
