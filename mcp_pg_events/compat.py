@@ -82,9 +82,10 @@ def streamable_http_app(server: Any, store: EventStore | None) -> Any:
 def manager_entry(manager: Any) -> str:
     """The attribute through which requests reach a session manager.
 
-    ASSUMES: manager_entry. mcp 2.x mounts the manager's public ``asgi_app``
-    attribute (an instance attribute, set in ``__init__``) and its
-    ``handle_request`` goes through it; mcp 1.x calls ``handle_request``.
+    ASSUMES: manager_entry. Where the manager has a public ``asgi_app`` instance
+    attribute (set in ``__init__``: mcp 2.x, and 1.x from 1.30), requests go
+    through it (2.x mounts it, ``handle_request`` calls it); else (older 1.x) the
+    app calls ``handle_request``.
     """
     return "asgi_app" if "asgi_app" in vars(manager) else "handle_request"
 

@@ -99,8 +99,16 @@ def is_transient(
     if isinstance(exc, asyncpg.InterfaceError):
         # "connection is closed", "another operation is in progress" on a connection
         # that just broke; on a healthy connection it is a misuse, and permanent.
-        return conn is None or conn.is_closed()
+        return conn is None or _is_closed(conn)
     return False
+
+
+def _is_closed(conn: Connection) -> bool:
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        # A pool detaches the proxy of a connection that closed under it.
+        return True
 
 
 def answer_lost(exc: BaseException) -> bool:
