@@ -65,13 +65,12 @@ async def test_a_query_on_a_connection_whose_server_process_ended_is_transient(
     # Pins what asyncpg raises on a pooled connection whose server process was
     # terminated while it sat idle (a failover, pg_terminate_backend): whatever the
     # class, the gateway must read it as transient, or the SDK ends the session.
-    async with asyncpg.create_pool(dsn, min_size=1, max_size=1) as pool:
-        async with pool.acquire() as conn:
-            pid = conn.get_server_pid()
-            assert await admin.fetchval("SELECT pg_terminate_backend($1, 10000)", pid)
-            with pytest.raises(Exception) as raised:
-                await conn.fetchval("SELECT 1")
-            assert is_transient(raised.value, conn, pool), repr(raised.value)
+    async with asyncpg.create_pool(dsn, min_size=1, max_size=1) as pool, pool.acquire() as conn:
+        pid = conn.get_server_pid()
+        assert await admin.fetchval("SELECT pg_terminate_backend($1, 10000)", pid)
+        with pytest.raises(Exception) as raised:
+            await conn.fetchval("SELECT 1")
+        assert is_transient(raised.value, conn, pool), repr(raised.value)
 
 
 async def test_an_error_the_server_reported_is_no_lost_answer() -> None:
@@ -117,7 +116,8 @@ async def test_a_statement_timeout_on_an_append_kills_no_healthy_connection(
             assert ref is not None
             backends = set(
                 await admin.fetch(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    "SELECT pid FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
             )
             # Hold the stream's append lock: the next append waits for it until its

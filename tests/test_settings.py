@@ -90,7 +90,8 @@ async def test_a_store_reads_its_settings_from_the_environment(
 def test_importing_the_store_imports_neither_sqlalchemy_nor_alembic() -> None:
     # Only migrating needs them; a server that only stores events should not pay for them.
     code = (
-        "import sys, mcp_pg_events; from mcp_pg_events import PostgresEventStore, scope_sessions, run_retention; "
+        "import sys, mcp_pg_events; "
+        "from mcp_pg_events import PostgresEventStore, scope_sessions, run_retention; "
         "print(sorted(m for m in ('sqlalchemy', 'alembic') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
