@@ -21,7 +21,7 @@ from .database import Database
 from .errors import StoreUnavailableError, StreamIdTooLongError
 from .event_ids import EventRef, format_event_id, new_tag, parse_event_id
 from .group_commit import GroupCommitWriter, StreamGoneError
-from .live import LiveTail, Subscription, ends_stream
+from .live import LiveTail, StreamFollower, Subscription, ends_stream
 from .messages import answered_request, load_message, load_messages
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,14 @@ class StreamState:
         self.lock = asyncio.Lock()
         # Appends holding or waiting for the lock: a stream in use is never evicted.
         self.users = 0
+
+
+class StreamHead(NamedTuple):
+    """Where a stream is now: its key, its tag and its newest seq (0 when empty)."""
+
+    key: int
+    tag: str
+    last_seq: int
 
 
 class Cursor(NamedTuple):
@@ -180,6 +188,32 @@ class EventLog:
             return self._tail(), cursor.ref, cursor.stream_name, complete
 
         return Subscription(open_cursor)
+
+    async def stream_head(
+        self, session_key: str, stream_id: str, *, create: bool = False
+    ) -> StreamHead | None:
+        """Where the stream is now; None when it does not exist (unless ``create``: then it does)."""
+        name = encode_stream_id(stream_id)
+        if create:
+            row = await self._db.fetchrow(sql.UPSERT_STREAM, session_key, name, new_tag())
+        else:
+            row = await self._db.fetchrow(sql.STREAM_HEAD, session_key, name)
+        if row is None:
+            return None
+        return StreamHead(row["id"], row["tag"], row["last_seq"] or 0)
+
+    def follow(
+        self, head: StreamHead, on_rows: Callable[[list[tuple[int, bytes | None]]], None]
+    ) -> StreamFollower:
+        """Hand every row committed after ``head`` to ``on_rows``, from any process, until ``unfollow``."""
+        follower = StreamFollower(head.key, head.last_seq, on_rows)
+        self._tail().add(follower)
+        return follower
+
+    def unfollow(self, follower: StreamFollower) -> None:
+        """Stop following; idempotent."""
+        if follower._tail is not None:
+            follower._tail.remove(follower)
 
     async def end_session(self, key: str) -> None:
         """Mark the session ``key`` ended: retention deletes its events after its ended-session grace."""

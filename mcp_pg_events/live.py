@@ -42,7 +42,68 @@ def ends_stream(answered: str | None, stream_name: str) -> bool:
     return answered is not None and answered == stream_name and stream_name != STANDALONE_STREAM
 
 
-class Subscription:
+class Follower:
+    """One stream that the tail follows after a cursor: what the tail asks of anything it follows.
+
+    The tail's fetch task is the only one that moves ``after`` on, and calls
+    ``_take`` with the rows that follow it, in order, a page at a time.
+    """
+
+    __slots__ = ("_tail", "after", "stream_key")
+
+    def __init__(self, stream_key: int = 0, after: int = 0) -> None:
+        self._tail: LiveTail | None = None
+        self.stream_key = stream_key
+        # Seq of the newest row handed to this follower (by replay or the tail).
+        self.after = after
+
+    def _ready(self) -> bool:
+        """False while the follower holds as much as it may: the tail skips it until it marks itself again."""
+        return True
+
+    def _take(self, rows: list[asyncpg.Record], decoded: dict[int, Any], more: bool) -> bool:
+        """Take the rows (``(index, seq, message)``) after the cursor; True when done following.
+
+        ``decoded`` caches decoded messages by seq for the other followers of the
+        same fetch; ``more`` says a full page came, and more may follow at once.
+        """
+        raise NotImplementedError
+
+    def _fail(self, error: BaseException) -> None:
+        """A catch-up for this follower failed (after the gateway's retries)."""
+        raise NotImplementedError
+
+
+class StreamFollower(Follower):
+    """Hands every row of a stream after a cursor to ``on_rows``, in order, until removed.
+
+    For consumers that read raw rows, not SDK messages (the subscription bus,
+    the brokers). ``on_rows`` gets ``[(seq, message bytes or None), ...]`` on the
+    event loop and must not block; what it raises is logged. A failed catch-up
+    keeps the follower and its cursor: the next wake-up or poll tries again, so
+    nothing is skipped.
+    """
+
+    __slots__ = ("_on_rows",)
+
+    def __init__(
+        self, stream_key: int, after: int, on_rows: Callable[[list[tuple[int, bytes | None]]], None]
+    ) -> None:
+        super().__init__(stream_key, after)
+        self._on_rows = on_rows
+
+    def _take(self, rows: list[asyncpg.Record], decoded: dict[int, Any], more: bool) -> bool:
+        self.after = rows[-1][1]
+        self._on_rows([(seq, data) for _, seq, data in rows])
+        return False
+
+    def _fail(self, error: BaseException) -> None:
+        logger.warning(
+            "live tail: catch-up of stream %s failed, trying again later: %r", self.stream_key, error
+        )
+
+
+class Subscription(Follower):
     """An async iterator of the ``EventMessage`` s of one stream after a cursor.
 
     Made by ``SessionEventStore.subscribe``. It yields what follows the cursor,
@@ -59,23 +120,17 @@ class Subscription:
         "_open",
         "_opened",
         "_starved",
-        "_tail",
         "_waiter",
-        "after",
-        "stream_key",
         "stream_name",
         "tag",
     )
 
     def __init__(self, opener: Callable[[], Any]) -> None:
+        super().__init__()
         self._open = opener
         self._opened = False
-        self._tail: LiveTail | None = None
-        self.stream_key = 0
         self.stream_name = ""
         self.tag = ""
-        # Seq of the newest row handed to this subscription (by replay or the tail).
-        self.after = 0
         self._buffer: deque[EventMessage] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._complete = False
@@ -104,7 +159,6 @@ class Subscription:
                 self.stream_key, self.after, self.tag = ref.stream_key, ref.seq, ref.tag
                 self._complete = complete
                 if not complete and not self._closed:
-                    self._tail = tail
                     tail.add(self)
         return not (self._complete and self._buffer is None and self._tail is None)
 
@@ -141,7 +195,6 @@ class Subscription:
         self._buffer = None
         if self._tail is not None:
             self._tail.remove(self)
-            self._tail = None
         self._wake()
 
     def _wake(self) -> None:
@@ -149,25 +202,52 @@ class Subscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _deliver(self, events: list[EventMessage], last_seq: int, complete: bool) -> None:
-        """Called by the tail's fetch task only."""
+    def _ready(self) -> bool:
+        if self._buffer is not None and len(self._buffer) >= self._tail_page():
+            self._starved = True  # its reader marks it again once it drains
+            return False
+        return True
+
+    def _tail_page(self) -> int:
+        return self._tail.page_size if self._tail is not None else 0
+
+    def _take(self, rows: list[asyncpg.Record], decoded: dict[int, Any], more: bool) -> bool:
         if self._closed:
-            return
+            return True
+        events = []
+        complete = False
+        for _, seq, data in rows:
+            if data is None:  # a priming row: a cursor, never delivered
+                continue
+            known = decoded.get(seq)
+            if known is None:
+                try:
+                    message = load_message(data)
+                except ValueError as exc:  # a row that will not decode: this stream only
+                    logger.error("live tail: event %s of stream %s does not decode", seq, self.stream_key)
+                    self._fail(exc)
+                    return False
+                known = decoded[seq] = (message, answered_request(message))
+            message, answers = known
+            events.append(EventMessage(message, format_event_id(self.stream_key, seq, self.tag)))
+            if ends_stream(answers, self.stream_name):
+                complete = True
+                break
         if events:
             if self._buffer is None:
                 self._buffer = deque()
             self._buffer.extend(events)
-        self.after = last_seq
+        self.after = rows[-1][1]
         if complete:
             self._complete = True
         self._wake()
+        return complete
 
     def _fail(self, error: BaseException) -> None:
-        """Called by the tail's fetch task only: the reader gets ``error``; the tail forgets it."""
+        """The reader gets ``error``; the tail forgets this subscription."""
         self._error = error
         if self._tail is not None:
             self._tail.remove(self)
-            self._tail = None
         self._wake()
 
 
@@ -190,8 +270,8 @@ class LiveTail:
         self._poll_interval = settings.poll_interval
         self.page_size = settings.replay_batch_size
         self._fetch_batch = settings.tail_batch
-        self._by_stream: dict[int, set[Subscription]] = {}
-        self._due: dict[Subscription, None] = {}  # insertion-ordered set
+        self._by_stream: dict[int, set[Follower]] = {}
+        self._due: dict[Follower, None] = {}  # insertion-ordered set
         self._due_event = asyncio.Event()
         # Payloads received since the fetch loop last looked, each once.
         self._payloads: set[str] = set()
@@ -199,6 +279,7 @@ class LiveTail:
 
     @property
     def subscriptions(self) -> int:
+        """How many streams are followed, by subscriptions and other followers."""
         return sum(len(subs) for subs in self._by_stream.values())
 
     def start(self) -> None:
@@ -220,22 +301,28 @@ class LiveTail:
         await asyncio.gather(*tasks, return_exceptions=True)
         for subs in list(self._by_stream.values()):
             for sub in list(subs):
-                await sub.aclose()
+                if isinstance(sub, Subscription):
+                    await sub.aclose()
+                else:
+                    self.remove(sub)
 
-    def add(self, sub: Subscription) -> None:
+    def add(self, follower: Follower) -> None:
+        """Follow ``follower``'s stream after its cursor, from now on (a catch-up first)."""
         self.start()
-        self._by_stream.setdefault(sub.stream_key, set()).add(sub)
-        self.mark(sub)
+        follower._tail = self
+        self._by_stream.setdefault(follower.stream_key, set()).add(follower)
+        self.mark(follower)
 
-    def remove(self, sub: Subscription) -> None:
-        subs = self._by_stream.get(sub.stream_key)
+    def remove(self, follower: Follower) -> None:
+        subs = self._by_stream.get(follower.stream_key)
         if subs is not None:
-            subs.discard(sub)
+            subs.discard(follower)
             if not subs:
-                del self._by_stream[sub.stream_key]
-        self._due.pop(sub, None)
+                del self._by_stream[follower.stream_key]
+        self._due.pop(follower, None)
+        follower._tail = None
 
-    def mark(self, sub: Subscription) -> None:
+    def mark(self, sub: Follower) -> None:
         self._due[sub] = None
         self._due_event.set()
 
@@ -278,24 +365,21 @@ class LiveTail:
             self._read_payloads()
             self._due_event.clear()
             while self._due:
-                batch: list[Subscription] = []
+                batch: list[Follower] = []
                 while self._due and len(batch) < self._fetch_batch:
                     sub = next(iter(self._due))
                     del self._due[sub]
-                    buffered = len(sub._buffer) if sub._buffer else 0
-                    if buffered >= self.page_size:
-                        sub._starved = True  # its reader marks it again once it drains
-                    elif sub._tail is self:
+                    if sub._tail is self and sub._ready():
                         batch.append(sub)
                 if batch:
                     try:
                         await self._fetch(batch)
-                    except Exception as exc:  # fail these subscriptions, never the tail itself
+                    except Exception as exc:  # fail these followers, never the tail itself
                         logger.exception("live tail: delivery failed")
                         for sub in batch:
                             sub._fail(exc)
 
-    async def _fetch(self, batch: list[Subscription]) -> None:
+    async def _fetch(self, batch: list[Follower]) -> None:
         try:
             rows = await self._db.fetch(
                 sql.TAIL_PAGES,
@@ -312,36 +396,21 @@ class LiveTail:
         for row in rows:
             by_index.setdefault(row[0], []).append(row)
         # One decode per row, however many readers. A seq is unique across streams.
-        decoded: dict[int, tuple[Any, str | None]] = {}
+        decoded: dict[int, Any] = {}
         for index, sub in enumerate(batch, start=1):
             sub_rows = by_index.get(index)
-            if not sub_rows:
+            if not sub_rows or sub._tail is not self:
                 continue
-            events = []
-            complete = False
-            for _, seq, data in sub_rows:
-                if data is None:  # a priming row: a cursor, never delivered
-                    continue
-                known = decoded.get(seq)
-                if known is None:
-                    try:
-                        message = load_message(data)
-                    except ValueError as exc:  # a row that will not decode: this stream only
-                        logger.error("live tail: event %s of stream %s does not decode", seq, sub.stream_key)
-                        sub._fail(exc)
-                        break
-                    known = decoded[seq] = (message, answered_request(message))
-                message, answers = known
-                events.append(EventMessage(message, format_event_id(sub.stream_key, seq, sub.tag)))
-                if ends_stream(answers, sub.stream_name):
-                    complete = True
-                    break
-            if sub._tail is not self:
-                continue  # failed above
-            sub._deliver(events, sub_rows[-1][1], complete)
-            if complete:
+            more = len(sub_rows) == self.page_size
+            try:
+                done = sub._take(sub_rows, decoded, more)
+            except Exception as exc:  # one follower's failure is its own
+                logger.exception("live tail: a follower of stream %s failed", sub.stream_key)
+                sub._fail(exc)
+                continue
+            if done:
                 self.remove(sub)
-            elif len(sub_rows) == self.page_size:
+            elif more and sub._tail is self:
                 self.mark(sub)  # more to read
 
     async def _poll_loop(self) -> None:

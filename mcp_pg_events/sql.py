@@ -29,6 +29,18 @@ RETURNING id, tag,
     (SELECT max(e.seq) FROM mcp_events_events e WHERE e.stream_key = mcp_events_streams.id) AS last_seq
 """
 
+# A stream's key, tag and newest seq, if it exists: where to follow it "from now".
+# An append in flight holds the stream's advisory lock and takes its seq after
+# the newest committed row, so whatever commits after this read has a larger seq.
+# $1 session key, $2 stream name (bytes)
+STREAM_HEAD = """
+SELECT st.id, st.tag,
+    (SELECT max(e.seq) FROM mcp_events_events e WHERE e.stream_key = st.id) AS last_seq
+FROM mcp_events_streams st
+JOIN mcp_events_sessions se ON se.id = st.session_id
+WHERE se.key = $1 AND st.name = $2
+"""
+
 # Append a batch of events (at most one per stream), committed together by the
 # implicit transaction of the statement. Each stream's advisory lock (held until
 # commit) keeps two appends to one stream from being in flight at once, even from

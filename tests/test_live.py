@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -234,3 +235,52 @@ async def test_a_row_that_will_not_decode_fails_its_subscription_not_the_others(
     assert not isinstance(delivered, BaseException)
     assert [progress(e) for e in delivered] == [("response", 1)]
     assert live_store.live_tail.subscriptions == 0
+
+
+async def test_a_stream_follower_gets_every_row_after_the_head_across_a_lost_listener(
+    live_store: PostgresEventStore, admin: asyncpg.Connection
+) -> None:
+    # The raw follower (the subscription bus's, the brokers'): from "now", in
+    # order, rows written while the listener was down included, a failing
+    # callback no reason to stop.
+    log = live_store.log
+    view = live_store.session("bus")
+    await view.store_event("topic", notification("before the head"))
+    head = await log.stream_head("bus", "topic")
+    assert head is not None and head.last_seq > 0
+    got: list[bytes | None] = []
+    enough = asyncio.Event()
+    calls = 0
+
+    def on_rows(rows: list[tuple[int, bytes | None]]) -> None:
+        nonlocal calls
+        calls += 1
+        got.extend(data for _, data in rows)
+        if len(got) >= 40:
+            enough.set()
+        if calls == 1:
+            raise RuntimeError("a consumer's bug")
+
+    follower = log.follow(head, on_rows)
+    await live_store.listener.wait_listening()
+    big = "x" * 20_000  # more than a notification carries: it is in the row
+    for i in range(20):
+        await view.store_event("topic", notification("n", {"i": i, "big": big}))
+    assert await kill_listener(admin) == 1
+    for i in range(20, 40):
+        await view.store_event("topic", notification("n", {"i": i}))
+    await asyncio.wait_for(enough.wait(), 30)
+    log.unfollow(follower)
+    numbers = [json.loads(data)["params"]["i"] for data in got if data]
+    assert numbers == list(range(40))
+    assert json.loads(got[0] or b"")["params"]["big"] == big
+    assert live_store.live_tail.subscriptions == 0
+
+
+async def test_the_head_of_a_stream_that_does_not_exist_is_none_unless_created(
+    live_store: PostgresEventStore,
+) -> None:
+    assert await live_store.log.stream_head("nobody", "nothing") is None
+    head = await live_store.log.stream_head("nobody", "nothing", create=True)
+    assert head is not None and head.last_seq == 0
+    assert await live_store.log.stream_head("nobody", "nothing") == head
