@@ -68,8 +68,7 @@ from append import drive, our_writes, table
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore
-from mcp_pg_events.compat import STANDALONE_STREAM
-from mcp_pg_events.demo import MCP_MAJOR
+from mcp_pg_events.compat import MCP_MAJOR, STANDALONE_STREAM
 from mcp_pg_events.live import Subscription
 
 # The SDK's stream for messages outside any request: it never completes, so a

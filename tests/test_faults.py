@@ -22,7 +22,8 @@ import pytest
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore, migrate
-from mcp_pg_events.demo import Context, McpClient, new_server, serve, streamable_app
+from mcp_pg_events.compat import Context, new_server
+from mcp_pg_events.testing import McpClient, serve, streamable_app
 from mcp_pg_events.wakeups import CHANNEL
 
 from .conftest import _admin, _database
