@@ -30,7 +30,7 @@ from mcp.server.streamable_http import EventMessage, EventStore
 
 import mcp_pg_events
 from mcp_pg_events import PostgresEventStore, migrate
-from mcp_pg_events.demo import MCP_MAJOR
+from mcp_pg_events.compat import MCP_MAJOR
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PARTITION_WIDTH = 1_000_000

@@ -75,8 +75,9 @@ from mcp.server.streamable_http import EventCallback, EventId, EventMessage, Eve
 
 import mcp_pg_events
 from mcp_pg_events import PostgresEventStore
-from mcp_pg_events.demo import Context, McpClient, new_server, serve, streamable_app
+from mcp_pg_events.compat import Context, new_server
 from mcp_pg_events.messages import dump_message
+from mcp_pg_events.testing import McpClient, serve, streamable_app
 
 MESSAGE_BYTES = 200
 PADDING = "x" * (MESSAGE_BYTES - len(dump_message(progress_notification("bench-0", 0, ""))))

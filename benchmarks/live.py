@@ -68,8 +68,8 @@ from append import drive, our_writes, table
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore
-from mcp_pg_events.demo import MCP_MAJOR
-from mcp_pg_events.live import STANDALONE_STREAM, Subscription
+from mcp_pg_events.compat import MCP_MAJOR, STANDALONE_STREAM
+from mcp_pg_events.live import Subscription
 
 # The SDK's stream for messages outside any request: it never completes, so a
 # subscription on it lasts until it is closed, whatever the writer sends.
@@ -317,7 +317,7 @@ async def latency_cell(
     )
     inbox = Inbox()
     tasks = [asyncio.create_task(consume(sub, i, inbox)) for i, sub in enumerate(subs)]
-    await store.live_tail.wait_listening()
+    await store.listener.wait_listening()
     total = warmup + events
     await writer.prepare({"keys": keys, "rate": rate, "events": total, "seed": subscribers * 7919 + streams})
     # Let the wake-ups for the writer's priming events pass before the first measured event.
@@ -483,7 +483,7 @@ async def memory_part(store: PostgresEventStore, count: int) -> tuple[dict[str, 
     warm_cursor = await store.session("idle-warm").store_event(STREAM, None)
     (warm,) = await open_subscriptions(store, ["idle-warm"], [warm_cursor])
     warm_task = asyncio.create_task(consume(warm, 0, Inbox()))
-    await store.live_tail.wait_listening()
+    await store.listener.wait_listening()
     await asyncio.sleep(0.2)
 
     # RSS first, in a pass of its own: tracemalloc's own bookkeeping (outside the

@@ -57,7 +57,7 @@ from _common import describe_environment, environment, log, report, run, scratch
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore, run_retention
-from mcp_pg_events.live import LISTENER_NAME
+from mcp_pg_events.listener import LISTENER_NAME
 from mcp_pg_events.wakeups import CHANNEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -13,19 +13,21 @@ from .errors import (
     StreamIdTooLongError,
     UnscopedEventStoreError,
 )
+from .settings import RetentionSettings, StoreSettings
 
 if TYPE_CHECKING:
+    from .database import keep_session_state
     from .integration import PostgresSessionManager, SessionScopedStore, scope_sessions
     from .live import Subscription
     from .retention import RetentionReport, end_session, run_retention
-    from .store import PostgresEventStore, SessionEventStore, keep_session_state
+    from .store import PostgresEventStore, SessionEventStore
 
 # Importing the MCP SDK takes seconds; the CLI and alembic need none of it, so the
 # names that pull it in are imported on first use.
 _LAZY = {
     "PostgresEventStore": "store",
     "SessionEventStore": "store",
-    "keep_session_state": "store",
+    "keep_session_state": "database",
     "Subscription": "live",
     "PostgresSessionManager": "integration",
     "SessionScopedStore": "integration",
@@ -49,9 +51,11 @@ __all__ = [
     "PostgresEventStore",
     "PostgresSessionManager",
     "RetentionReport",
+    "RetentionSettings",
     "SchemaNotReadyError",
     "SessionEventStore",
     "SessionScopedStore",
+    "StoreSettings",
     "StoreUnavailableError",
     "StreamIdTooLongError",
     "Subscription",

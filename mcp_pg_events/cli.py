@@ -17,20 +17,15 @@ from typing import Any
 import asyncpg
 from sqlalchemy.exc import SQLAlchemyError
 
-from .config import DSN_ENV, FALLBACK_DSN_ENV, redact, resolve_dsn
+from .database import SCHEMA_REVISION
+from .dsn import DSN_ENV, FALLBACK_DSN_ENV, redact, resolve_dsn
 from .embedded import DATA_ENV, default_data_dir, embedded_postgres
 from .errors import ConfigurationError, McpPgEventsError
-from .retention import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_LOCK_TIMEOUT,
-    DEFAULT_PARTITIONS_AHEAD,
-    DEFAULT_TTL,
-    MAX_PARTITIONS_AHEAD,
-    format_duration,
-    parse_duration,
-    run_retention,
-)
-from .schema import SCHEMA_REVISION
+from .retention import run_retention
+from .settings import MAX_PARTITIONS_AHEAD, RetentionSettings, env_name, format_duration, parse_duration
+
+# Retention's defaults, written once in settings.py.
+_RETENTION = RetentionSettings()
 
 
 def _option(
@@ -139,34 +134,41 @@ def _parser() -> argparse.ArgumentParser:
     _option(
         retention,
         "--ttl",
-        "MCP_PG_EVENTS_TTL",
-        format_duration(DEFAULT_TTL),
+        env_name("ttl"),
+        format_duration(_RETENTION.ttl),
         "events older than this go",
         _duration,
     )
     _switch(retention, "--dry-run", "MCP_PG_EVENTS_DRY_RUN", "print what would go and change nothing")
     _switch(retention, "--loop", "MCP_PG_EVENTS_LOOP", "keep running, once every --interval (a sidecar)")
-    _option(retention, "--interval", "MCP_PG_EVENTS_INTERVAL", "5m", "time between --loop runs", _duration)
+    _option(
+        retention,
+        "--interval",
+        env_name("interval"),
+        format_duration(_RETENTION.interval),
+        "time between --loop runs",
+        _duration,
+    )
     _option(
         retention,
         "--batch-size",
-        "MCP_PG_EVENTS_BATCH_SIZE",
-        DEFAULT_BATCH_SIZE,
+        env_name("batch_size"),
+        _RETENTION.batch_size,
         "events deleted per transaction",
         _positive_int,
     )
     _option(
         retention,
         "--partitions-ahead",
-        "MCP_PG_EVENTS_PARTITIONS_AHEAD",
-        DEFAULT_PARTITIONS_AHEAD,
+        env_name("partitions_ahead"),
+        _RETENTION.partitions_ahead,
         f"partitions kept ready above the sequence (at most {MAX_PARTITIONS_AHEAD})",
         _positive_int,
     )
     _option(
         retention,
         "--partition-max-age",
-        "MCP_PG_EVENTS_PARTITION_MAX_AGE",
+        env_name("partition_max_age"),
         None,
         "start a new partition when the one in use holds an event older than this; also how long "
         "expired events may wait to go with their partition instead of row by row",
@@ -176,16 +178,16 @@ def _parser() -> argparse.ArgumentParser:
     _option(
         retention,
         "--ended-grace",
-        "MCP_PG_EVENTS_ENDED_GRACE",
-        "0s",
+        env_name("ended_grace"),
+        format_duration(_RETENTION.ended_grace),
         "events of sessions that ended longer ago than this go too, whatever their age",
         _duration,
     )
     _option(
         retention,
         "--lock-timeout",
-        "MCP_PG_EVENTS_LOCK_TIMEOUT",
-        format_duration(DEFAULT_LOCK_TIMEOUT),
+        env_name("lock_timeout"),
+        format_duration(_RETENTION.lock_timeout),
         "how long a detach, drop or roll-over may wait for its lock (appends wait behind it) before "
         "leaving it to the next run",
         _duration,
@@ -249,18 +251,18 @@ async def _retention_async(dsn: str, args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    settings = RetentionSettings(
+        ttl=args.ttl,
+        batch_size=args.batch_size,
+        ended_grace=args.ended_grace,
+        partition_max_age=args.partition_max_age,
+        partitions_ahead=args.partitions_ahead,
+        lock_timeout=args.lock_timeout,
+        interval=args.interval,
+    )
+
     async def once() -> None:
-        report = await run_retention(
-            dsn,
-            ttl=args.ttl,
-            dry_run=args.dry_run,
-            batch_size=args.batch_size,
-            ended_grace=args.ended_grace,
-            partition_max_age=args.partition_max_age,
-            partitions_ahead=args.partitions_ahead,
-            lock_timeout=args.lock_timeout,
-            progress=progress,
-        )
+        report = await run_retention(dsn, settings=settings, dry_run=args.dry_run, progress=progress)
         # A locked-out run has said so in its progress line already.
         if not report.locked_out:
             print(report.summary(), flush=True)
@@ -273,7 +275,7 @@ async def _retention_async(dsn: str, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     with contextlib.suppress(NotImplementedError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    progress(f"running retention every {format_duration(args.interval)}")
+    progress(f"running retention every {format_duration(settings.interval)}")
     while not stop.is_set():
         try:
             await once()
@@ -286,7 +288,7 @@ async def _retention_async(dsn: str, args: argparse.Namespace) -> int:
                 raise
             print(f"mcp-pg-events: error: {message}", file=sys.stderr, flush=True)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), args.interval.total_seconds())
+            await asyncio.wait_for(stop.wait(), settings.interval.total_seconds())
     progress("stopped")
     return 0
 

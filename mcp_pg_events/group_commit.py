@@ -18,19 +18,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from . import sql
+from .database import NOT_MIGRATED, Backoff, Database, answer_lost, no_partition, not_migrated
 from .errors import SchemaNotReadyError
-from .retry import Backoff, is_transient
-from .schema import EVENTS, NOT_MIGRATED, not_migrated
+from .settings import StoreSettings
 from .wakeups import Notifier
 
-logger = logging.getLogger("mcp_pg_events")
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
 
-_LINGER = 0.1
+logger = logging.getLogger(__name__)
 
 
 class StreamGoneError(Exception):
@@ -48,52 +49,25 @@ class _Append:
         self.future = future
 
 
-def no_partition(exc: BaseException) -> bool:
-    # "no partition of relation ... found for row": a check violation (23514) on the
-    # events table with no constraint named. Matched on fields, not on the message,
-    # which the server translates to its lc_messages.
-    return (
-        isinstance(exc, asyncpg.CheckViolationError)
-        and getattr(exc, "table_name", None) == EVENTS
-        and getattr(exc, "constraint_name", None) is None
-    )
-
-
 class GroupCommitWriter:
     """Writes appends in shared transactions on up to ``max_inflight`` connections.
 
     Args:
-        pool: where connections come from.
+        db: where connections come from, and the retry policy.
         notifier: told which streams changed after each commit.
-        retry_deadline: seconds a batch retries transient errors before its
-            callers get ``StoreUnavailableError``.
-        max_batch: rows per INSERT at most.
-        max_batch_bytes: message bytes per INSERT at most (a batch holds at
-            least one row, however large).
-        max_inflight: batches written at once, each on its own connection.
-        max_pending: appends waiting or in flight at most; more callers wait
-            for room (back-pressure when the database is slower than writers).
+        settings: ``max_batch``, ``max_batch_bytes``, ``max_inflight``,
+            ``max_pending`` and ``writer_linger`` (see ``StoreSettings``).
     """
 
-    def __init__(
-        self,
-        pool: asyncpg.Pool[Any],
-        notifier: Notifier | None,
-        *,
-        retry_deadline: float,
-        max_batch: int = 512,
-        max_batch_bytes: int = 4 << 20,
-        max_inflight: int = 2,
-        max_pending: int = 10_000,
-    ) -> None:
-        self._pool = pool
+    def __init__(self, db: Database, notifier: Notifier | None, settings: StoreSettings) -> None:
+        self._db = db
         self._notifier = notifier
-        self._retry_deadline = retry_deadline
-        self._max_batch = max_batch
-        self._max_batch_bytes = max_batch_bytes
-        self._max_inflight = max_inflight
+        self._max_batch = settings.max_batch
+        self._max_batch_bytes = settings.max_batch_bytes
+        self._max_inflight = settings.max_inflight
+        self._linger = settings.writer_linger
         # Appends queued or in flight, and the signal that there is room for more.
-        self._max_pending = max_pending
+        self._max_pending = settings.max_pending
         self._pending = 0
         self._room = asyncio.Event()
         self._queue: deque[_Append] = deque()
@@ -101,9 +75,9 @@ class GroupCommitWriter:
         self._tasks: set[asyncio.Task[None]] = set()
         # Connections kept between batches while appends keep coming: acquiring and
         # releasing one per batch costs up to a round trip more (asyncpg's reset
-        # query). They go back to the pool after ``_LINGER`` seconds without use,
-        # so a pool closed under an idle store is not kept waiting.
-        self._connections: list[asyncpg.pool.PoolConnectionProxy[Any]] = []
+        # query). They go back to the pool after ``writer_linger`` seconds without
+        # use, so a pool closed under an idle store is not kept waiting.
+        self._connections: list[PoolConnectionProxy[Any]] = []
         self._last_write = 0.0
         self._release_timer: asyncio.TimerHandle | None = None
 
@@ -141,25 +115,25 @@ class GroupCommitWriter:
             self._release_timer = None
         connections, self._connections = self._connections, []
         for conn in connections:
-            await self._pool.release(conn)
+            await self._db.release(conn)
 
-    def _keep(self, conn: asyncpg.pool.PoolConnectionProxy[Any]) -> None:
+    def _keep(self, conn: PoolConnectionProxy[Any]) -> None:
         self._connections.append(conn)
         loop = asyncio.get_running_loop()
         self._last_write = loop.time()
         if self._release_timer is None:
-            self._release_timer = loop.call_later(_LINGER, self._release_idle)
+            self._release_timer = loop.call_later(self._linger, self._release_idle)
 
     def _release_idle(self) -> None:
         loop = asyncio.get_running_loop()
         idle_for = loop.time() - self._last_write
-        if idle_for < _LINGER:
-            self._release_timer = loop.call_later(_LINGER - idle_for, self._release_idle)
+        if idle_for < self._linger:
+            self._release_timer = loop.call_later(self._linger - idle_for, self._release_idle)
             return
         self._release_timer = None
         connections, self._connections = self._connections, []
         for conn in connections:
-            task = loop.create_task(self._pool.release(conn))
+            task = loop.create_task(self._db.release(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -218,29 +192,32 @@ class GroupCommitWriter:
         repairs = 0
         while batch:
             keys = [item.stream_key for item in batch]
+            conn: PoolConnectionProxy[Any] | None = None
             try:
                 seqs = None
                 if unsure is not None:
                     seqs = await self._committed_seqs(batch, unsure)
                     unsure = None
                 if seqs is None:
-                    conn = self._connections.pop() if self._connections else await self._pool.acquire()
+                    conn = self._connections.pop() if self._connections else await self._db.acquire()
+                    pid = conn.get_server_pid()
                     try:
-                        unsure = conn.get_server_pid()
                         rows = await conn.fetch(sql.APPEND_BATCH, keys, [item.data for item in batch])
-                    except BaseException:
-                        await self._pool.release(conn)  # the pool replaces it if it broke
+                    except Exception as exc:
+                        if answer_lost(exc):
+                            unsure = pid
                         raise
                     self._keep(conn)
-                    unsure = None
+                    conn = None
                     seqs = {row[0]: row[1] for row in rows}
             except Exception as exc:
-                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
-                    unsure = None  # the server refused the statement: nothing was written
+                transient = self._db.is_transient(exc, conn)
+                if conn is not None:
+                    await self._db.release(conn)  # the pool replaces it if it broke
                 if repairs < 3 and no_partition(exc):
                     # Partition maintenance is late: create what the sequence needs, retry.
                     repairs += 1
-                    await self._pool.fetchval(sql.ENSURE_PARTITIONS)
+                    await self._db.fetchval(sql.ENSURE_PARTITIONS, retry=False)
                     continue
                 if repairs < 3 and isinstance(exc, asyncpg.ForeignKeyViolationError):
                     repairs += 1
@@ -249,7 +226,7 @@ class GroupCommitWriter:
                 if not_migrated(exc):
                     self._fail(batch, SchemaNotReadyError(NOT_MIGRATED), exc)
                     return
-                if not is_transient(exc):
+                if not transient:
                     if len(batch) > 1:
                         # One bad row (say, a message over a server limit) must not fail
                         # the other sessions' appends: write each on its own.
@@ -259,7 +236,7 @@ class GroupCommitWriter:
                     self._fail(batch, exc, None)
                     return
                 logger.warning("store_event: transient database error, retrying: %r", exc)
-                backoff = backoff or Backoff(self._retry_deadline)
+                backoff = backoff or self._db.backoff()
                 if not await backoff.wait():
                     self._fail(batch, backoff.gave_up(exc, "event not stored: "), exc)
                     return
@@ -281,7 +258,7 @@ class GroupCommitWriter:
 
     async def _drop_gone_streams(self, batch: list[_Append]) -> list[_Append]:
         """Fail the appends whose stream row is gone (their callers resolve it again); keep the rest."""
-        rows = await self._pool.fetch(sql.EXISTING_STREAMS, [item.stream_key for item in batch])
+        rows = await self._db.fetch(sql.EXISTING_STREAMS, [item.stream_key for item in batch], retry=False)
         present = {row[0] for row in rows}
         kept = []
         for item in batch:
@@ -300,12 +277,14 @@ class GroupCommitWriter:
         has no other append in flight, so the batch committed exactly when every
         stream's newest row is past its last acknowledged seq and holds its message.
         """
-        ended = await self._pool.fetchval(sql.END_BACKEND, pid)
+        ended = await self._db.fetchval(sql.END_BACKEND, pid, retry=False)
         if ended is False:
-            raise asyncpg.InterfaceError(f"the server process {pid} of a lost append did not end yet")
+            raise asyncio.TimeoutError(f"the server process {pid} of a lost append did not end within 10 s")
         newest = {
             row["stream_key"]: row
-            for row in await self._pool.fetch(sql.NEWEST_EVENTS, [item.stream_key for item in batch])
+            for row in await self._db.fetch(
+                sql.NEWEST_EVENTS, [item.stream_key for item in batch], retry=False
+            )
         }
         seqs = {}
         for item in batch:

@@ -29,10 +29,11 @@ from mcp.server.streamable_http import EventCallback, EventId, EventMessage, Eve
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-PROVISIONAL_PREFIX = "provisional-"
-_SESSION_HEADER = b"mcp-session-id"
+from .compat import SESSION_HEADER, manager_entry
 
-logger = logging.getLogger("mcp_pg_events")
+PROVISIONAL_PREFIX = "provisional-"
+
+logger = logging.getLogger(__name__)
 
 # The session stores by MCP session id, while their transport lives (weakly held:
 # a session that times out or is never ended must not stay here).
@@ -174,15 +175,12 @@ class _ScopesSessions:
         self._bind_at_entry()
 
     def _bind_at_entry(self) -> None:
-        # mcp 2.x mounts the manager's public `asgi_app` directly (and handle_request
-        # goes through it too); mcp 1.x calls handle_request.
-        entry = self.__dict__.get("asgi_app")
-        if entry is not None:
-            self.__dict__["asgi_app"] = _binds_session_ids(entry)
+        if manager_entry(self) == "asgi_app":
+            self.__dict__["asgi_app"] = _binds_session_ids(self.__dict__["asgi_app"])
 
     async def handle_request(self, scope: Scope, receive: Receive, send: Send) -> None:
         parent = super().handle_request  # type: ignore[misc]
-        if "asgi_app" in self.__dict__:
+        if manager_entry(self) == "asgi_app":
             await parent(scope, receive, send)
         else:
             await _binds_session_ids(parent)(scope, receive, send)
@@ -202,7 +200,7 @@ def _binds_session_ids(app: ASGIApp) -> ASGIApp:
                 status = message["status"]
                 if unbound:
                     for name, value in message.get("headers", ()):
-                        if name.lower() == _SESSION_HEADER:
+                        if name.lower() == SESSION_HEADER:
                             for binding in unbound:
                                 binding.bind(value.decode("latin-1"))
                             unbound.clear()
@@ -216,7 +214,7 @@ def _binds_session_ids(app: ASGIApp) -> ASGIApp:
             # The client ended its session: its events may go at once (retention's
             # ended-session grace), rather than when they reach the TTL.
             for name, value in scope.get("headers", ()):
-                if name.lower() == _SESSION_HEADER:
+                if name.lower() == SESSION_HEADER:
                     ended = _by_session_id.pop(value.decode("latin-1"), None)
                     if ended is not None:
                         await ended.end()

@@ -1,8 +1,8 @@
 """Live tail: subscriptions that yield a stream's events as they commit, in any process.
 
-One ``LiveTail`` per store (so, usually, per process) holds one LISTEN connection
-outside the pool, shared by every subscription. Its notification callback only
-marks subscriptions as due; one fetch task then reads, in a single query, the
+One ``LiveTail`` per store (so, usually, per process) follows the store's one
+LISTEN connection (``listener.py``), shared by every subscription. Its
+notification handler only marks subscriptions as due; one fetch task then reads, in a single query, the
 events after the cursor of every due subscription, and hands each its rows.
 Delivery therefore never depends on a notification arriving: a notification only
 says when to look. What is looked at is always "after my cursor", so nothing is
@@ -13,20 +13,11 @@ Notifications are lost when the listener is down, so every (re)connect is follow
 by a catch-up of every subscription, and a slow poll catches up everything
 periodically as a safety net. Without a listener (``listen=False``, e.g. behind
 PgBouncer in transaction mode) the poll alone delivers everything.
-
-Any role that may connect to the database may NOTIFY on the channel, so a flood
-must cost little: the callback does O(1) work, at most ``MAX_PAYLOADS_PER_ROUND``
-distinct payloads are kept between two fetch rounds (past that, and for a payload
-longer than a writer sends, every subscription is caught up instead), a payload
-is read only so far (``wakeups.MAX_KEYS``), one that cannot be read is ignored,
-and catch-ups of every subscription that notifications ask for come at most once
-per ``catch_up_all_interval``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -36,23 +27,27 @@ import asyncpg
 from mcp.server.streamable_http import EventMessage
 
 from . import sql, wakeups
+from .compat import STANDALONE_STREAM
+from .database import Database
 from .event_ids import format_event_id
+from .listener import Listener
 from .messages import answered_request, load_message
-from .retry import Backoff, is_transient
+from .settings import StoreSettings
 
-logger = logging.getLogger("mcp_pg_events")
+logger = logging.getLogger(__name__)
 
-# How the listener shows in pg_stat_activity.
-LISTENER_NAME = "mcp-pg-events listener"
 # Distinct payloads kept between two fetch rounds at most. Writers coalesce their
 # wake-ups (a statement per writer process per notify_interval, one payload per 64
 # streams), so a round rarely has more; past it, every subscription is caught up
 # instead of reading them.
 MAX_PAYLOADS_PER_ROUND = 128
+# Catch-ups of every subscription asked for by notifications (``*``, or more
+# payloads in one round than MAX_PAYLOADS_PER_ROUND) are this many seconds apart at
+# least: a flood of them costs one per interval, and delays the wake-ups it
+# drowned by as much.
+CATCH_UP_ALL_INTERVAL = 0.1
 # Ignored and dropped payloads are logged once per this many seconds at most.
 FLOOD_LOG_INTERVAL = 60.0
-# The stream id the SDK uses for messages that belong to no request; it never completes.
-STANDALONE_STREAM = "_GET_stream"
 
 
 def ends_stream(answered: str | None, stream_name: str) -> bool:
@@ -60,12 +55,68 @@ def ends_stream(answered: str | None, stream_name: str) -> bool:
     return answered is not None and answered == stream_name and stream_name != STANDALONE_STREAM
 
 
-def _settle(future: asyncio.Future[None], *_: object) -> None:
-    if not future.done():
-        future.set_result(None)
+class Follower:
+    """One stream that the tail follows after a cursor: what the tail asks of anything it follows.
+
+    The tail's fetch task is the only one that moves ``after`` on, and calls
+    ``_take`` with the rows that follow it, in order, a page at a time.
+    """
+
+    __slots__ = ("_tail", "after", "stream_key")
+
+    def __init__(self, stream_key: int = 0, after: int = 0) -> None:
+        self._tail: LiveTail | None = None
+        self.stream_key = stream_key
+        # Seq of the newest row handed to this follower (by replay or the tail).
+        self.after = after
+
+    def _ready(self) -> bool:
+        """False while the follower holds as much as it may: the tail skips it until it marks itself again."""
+        return True
+
+    def _take(self, rows: list[asyncpg.Record], decoded: dict[int, Any], more: bool) -> bool:
+        """Take the rows (``(index, seq, message)``) after the cursor; True when done following.
+
+        ``decoded`` caches decoded messages by seq for the other followers of the
+        same fetch; ``more`` says a full page came, and more may follow at once.
+        """
+        raise NotImplementedError
+
+    def _fail(self, error: BaseException) -> None:
+        """A catch-up for this follower failed (after the gateway's retries)."""
+        raise NotImplementedError
 
 
-class Subscription:
+class StreamFollower(Follower):
+    """Hands every row of a stream after a cursor to ``on_rows``, in order, until removed.
+
+    For consumers that read raw rows, not SDK messages (the subscription bus,
+    the brokers). ``on_rows`` gets ``[(seq, message bytes or None), ...]`` on the
+    event loop and must not block; what it raises is logged. A failed catch-up
+    keeps the follower and its cursor: the next wake-up or poll tries again, so
+    nothing is skipped.
+    """
+
+    __slots__ = ("_on_rows",)
+
+    def __init__(
+        self, stream_key: int, after: int, on_rows: Callable[[list[tuple[int, bytes | None]]], None]
+    ) -> None:
+        super().__init__(stream_key, after)
+        self._on_rows = on_rows
+
+    def _take(self, rows: list[asyncpg.Record], decoded: dict[int, Any], more: bool) -> bool:
+        self.after = rows[-1][1]
+        self._on_rows([(seq, data) for _, seq, data in rows])
+        return False
+
+    def _fail(self, error: BaseException) -> None:
+        logger.warning(
+            "live tail: catch-up of stream %s failed, trying again later: %r", self.stream_key, error
+        )
+
+
+class Subscription(Follower):
     """An async iterator of the ``EventMessage`` s of one stream after a cursor.
 
     Made by ``SessionEventStore.subscribe``. It yields what follows the cursor,
@@ -82,23 +133,17 @@ class Subscription:
         "_open",
         "_opened",
         "_starved",
-        "_tail",
         "_waiter",
-        "after",
-        "stream_key",
         "stream_name",
         "tag",
     )
 
     def __init__(self, opener: Callable[[], Any]) -> None:
+        super().__init__()
         self._open = opener
         self._opened = False
-        self._tail: LiveTail | None = None
-        self.stream_key = 0
         self.stream_name = ""
         self.tag = ""
-        # Seq of the newest row handed to this subscription (by replay or the tail).
-        self.after = 0
         self._buffer: deque[EventMessage] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._complete = False
@@ -127,7 +172,6 @@ class Subscription:
                 self.stream_key, self.after, self.tag = ref.stream_key, ref.seq, ref.tag
                 self._complete = complete
                 if not complete and not self._closed:
-                    self._tail = tail
                     tail.add(self)
         return not (self._complete and self._buffer is None and self._tail is None)
 
@@ -164,7 +208,6 @@ class Subscription:
         self._buffer = None
         if self._tail is not None:
             self._tail.remove(self)
-            self._tail = None
         self._wake()
 
     def _wake(self) -> None:
@@ -172,89 +215,95 @@ class Subscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _deliver(self, events: list[EventMessage], last_seq: int, complete: bool) -> None:
-        """Called by the tail's fetch task only."""
+    def _ready(self) -> bool:
+        if self._buffer is not None and len(self._buffer) >= self._tail_page():
+            self._starved = True  # its reader marks it again once it drains
+            return False
+        return True
+
+    def _tail_page(self) -> int:
+        return self._tail.page_size if self._tail is not None else 0
+
+    def _take(self, rows: list[asyncpg.Record], decoded: dict[int, Any], more: bool) -> bool:
         if self._closed:
-            return
+            return True
+        events = []
+        complete = False
+        for _, seq, data in rows:
+            if data is None:  # a priming row: a cursor, never delivered
+                continue
+            known = decoded.get(seq)
+            if known is None:
+                try:
+                    message = load_message(data)
+                except ValueError as exc:  # a row that will not decode: this stream only
+                    logger.error("live tail: event %s of stream %s does not decode", seq, self.stream_key)
+                    self._fail(exc)
+                    return False
+                known = decoded[seq] = (message, answered_request(message))
+            message, answers = known
+            events.append(EventMessage(message, format_event_id(self.stream_key, seq, self.tag)))
+            if ends_stream(answers, self.stream_name):
+                complete = True
+                break
         if events:
             if self._buffer is None:
                 self._buffer = deque()
             self._buffer.extend(events)
-        self.after = last_seq
+        self.after = rows[-1][1]
         if complete:
             self._complete = True
         self._wake()
+        return complete
 
     def _fail(self, error: BaseException) -> None:
-        """Called by the tail's fetch task only: the reader gets ``error``; the tail forgets it."""
+        """The reader gets ``error``; the tail forgets this subscription."""
         self._error = error
         if self._tail is not None:
             self._tail.remove(self)
-            self._tail = None
         self._wake()
 
 
 class LiveTail:
-    """The listener, the fetch task and the registry of one store's subscriptions.
+    """The fetch task and the registry of one store's subscriptions, woken by its listener.
 
     Args:
-        pool: connections for the catch-up queries.
-        listen_dsn: where the LISTEN connection goes; None for poll only.
-        poll_interval: seconds between two catch-ups of every subscription, the
-            safety net for lost notifications (and the only delivery without a listener).
-        ping_interval: seconds between liveness probes of an idle listener.
-        page_size: rows per subscription per query; a subscription whose reader
-            lags holds at most about this many events.
-        retry_deadline: seconds a catch-up query retries transient errors
-            before its subscriptions fail.
-        catch_up_all_interval: seconds between two catch-ups of every
-            subscription that notifications ask for (``*``, or more payloads in
-            one round than MAX_PAYLOADS_PER_ROUND) at least: a flood of them
-            costs one per interval, and delays the wake-ups it drowned by as much.
+        db: the gateway the catch-up queries go through (a transient error is
+            retried until its deadline, then fails the subscriptions concerned).
+        listener: the store's LISTEN connection; None for poll only.
+        settings: ``poll_interval`` (the safety net for lost notifications, and
+            the only delivery without a listener), ``replay_batch_size`` (rows per
+            subscription per query: a subscription whose reader lags holds at
+            most about this many events) and ``tail_batch`` (subscriptions per query).
 
     ``unreadable_payloads`` counts the payloads ignored because no writer sends
     them, ``dropped_payloads`` those not read (past MAX_PAYLOADS_PER_ROUND, or
     longer than a writer sends) and replaced by a catch-up of every subscription.
     """
 
-    def __init__(
-        self,
-        pool: asyncpg.Pool[Any],
-        *,
-        listen_dsn: str | None,
-        poll_interval: float,
-        ping_interval: float = 5.0,
-        page_size: int = 500,
-        retry_deadline: float = 30.0,
-        fetch_batch: int = 1000,
-        catch_up_all_interval: float = 0.1,
-    ) -> None:
-        self._pool = pool
-        self._listen_dsn = listen_dsn
-        self._poll_interval = poll_interval
-        self._ping_interval = ping_interval
-        self.page_size = page_size
-        self._retry_deadline = retry_deadline
-        self._fetch_batch = fetch_batch
-        self._by_stream: dict[int, set[Subscription]] = {}
-        self._due: dict[Subscription, None] = {}  # insertion-ordered set
+    def __init__(self, db: Database, listener: Listener | None, settings: StoreSettings) -> None:
+        self._db = db
+        self._listener = listener
+        self._poll_interval = settings.poll_interval
+        self.page_size = settings.replay_batch_size
+        self._fetch_batch = settings.tail_batch
+        self._by_stream: dict[int, set[Follower]] = {}
+        self._due: dict[Follower, None] = {}  # insertion-ordered set
         self._due_event = asyncio.Event()
         # Payloads received since the fetch loop last looked, each once, and
         # whether more came than were kept.
         self._payloads: set[str] = set()
         self._overflow = False
-        self._catch_up_all_interval = catch_up_all_interval
         self._last_catch_up_all = float("-inf")
         self._catch_up_all_timer: asyncio.TimerHandle | None = None
         self._next_flood_log = float("-inf")
         self._tasks: list[asyncio.Task[None]] = []
-        self._listening = asyncio.Event()
-        self.reconnects = 0
         self.unreadable_payloads = 0
         self.dropped_payloads = 0
 
     @property
     def subscriptions(self) -> int:
+        """How many streams are followed, by subscriptions and other followers."""
         return sum(len(subs) for subs in self._by_stream.values())
 
     def start(self) -> None:
@@ -263,12 +312,11 @@ class LiveTail:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._fetch_loop(), name="mcp-pg-events fetch"))
         self._tasks.append(loop.create_task(self._poll_loop(), name="mcp-pg-events poll"))
-        if self._listen_dsn is not None:
-            self._tasks.append(loop.create_task(self._listen_loop(), name="mcp-pg-events listener"))
+        if self._listener is not None:
+            self._tasks.append(loop.create_task(self._listen(self._listener)))
 
-    async def wait_listening(self) -> None:
-        """Return once the listener is connected (for tests and benchmarks)."""
-        await self._listening.wait()
+    async def _listen(self, listener: Listener) -> None:
+        await listener.listen(wakeups.CHANNEL, self._on_notification, self.mark_all)
 
     async def close(self) -> None:
         if self._catch_up_all_timer is not None:
@@ -280,22 +328,28 @@ class LiveTail:
         await asyncio.gather(*tasks, return_exceptions=True)
         for subs in list(self._by_stream.values()):
             for sub in list(subs):
-                await sub.aclose()
+                if isinstance(sub, Subscription):
+                    await sub.aclose()
+                else:
+                    self.remove(sub)
 
-    def add(self, sub: Subscription) -> None:
+    def add(self, follower: Follower) -> None:
+        """Follow ``follower``'s stream after its cursor, from now on (a catch-up first)."""
         self.start()
-        self._by_stream.setdefault(sub.stream_key, set()).add(sub)
-        self.mark(sub)
+        follower._tail = self
+        self._by_stream.setdefault(follower.stream_key, set()).add(follower)
+        self.mark(follower)
 
-    def remove(self, sub: Subscription) -> None:
-        subs = self._by_stream.get(sub.stream_key)
+    def remove(self, follower: Follower) -> None:
+        subs = self._by_stream.get(follower.stream_key)
         if subs is not None:
-            subs.discard(sub)
+            subs.discard(follower)
             if not subs:
-                del self._by_stream[sub.stream_key]
-        self._due.pop(sub, None)
+                del self._by_stream[follower.stream_key]
+        self._due.pop(follower, None)
+        follower._tail = None
 
-    def mark(self, sub: Subscription) -> None:
+    def mark(self, sub: Follower) -> None:
         self._due[sub] = None
         self._due_event.set()
 
@@ -316,14 +370,13 @@ class LiveTail:
         if self._due:
             self._due_event.set()
 
-    def _on_notification(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+    def _on_notification(self, payload: str) -> None:
         # Runs for every notification on the channel, from every writer process or
         # from a flood: O(1). A payload longer than a writer sends is not even kept
         # (it means "every stream", see wakeups.decode); the fetch loop reads the
         # others once per round, however many repeat.
-        text = str(payload)
-        if len(text) <= wakeups.LONGEST_PAYLOAD and len(self._payloads) < MAX_PAYLOADS_PER_ROUND:
-            self._payloads.add(text)
+        if len(payload) <= wakeups.LONGEST_PAYLOAD and len(self._payloads) < MAX_PAYLOADS_PER_ROUND:
+            self._payloads.add(payload)
         else:
             self._overflow = True
             self.dropped_payloads += 1
@@ -349,11 +402,11 @@ class LiveTail:
             self._log_flood()
 
     def _catch_up_all(self) -> None:
-        """Mark every subscription due, now or, if one was done less than catch_up_all_interval ago, then."""
+        """Mark every follower due, now or, if that was done less than CATCH_UP_ALL_INTERVAL ago, then."""
         if self._catch_up_all_timer is not None:
             return  # one is coming
         loop = asyncio.get_running_loop()
-        wait = self._last_catch_up_all + self._catch_up_all_interval - loop.time()
+        wait = self._last_catch_up_all + CATCH_UP_ALL_INTERVAL - loop.time()
         if wait > 0:
             self._catch_up_all_timer = loop.call_later(wait, self._catch_up_all_now)
         else:
@@ -386,114 +439,55 @@ class LiveTail:
             self._read_payloads()
             self._due_event.clear()
             while self._due:
-                batch: list[Subscription] = []
+                batch: list[Follower] = []
                 while self._due and len(batch) < self._fetch_batch:
                     sub = next(iter(self._due))
                     del self._due[sub]
-                    buffered = len(sub._buffer) if sub._buffer else 0
-                    if buffered >= self.page_size:
-                        sub._starved = True  # its reader marks it again once it drains
-                    elif sub._tail is self:
+                    if sub._tail is self and sub._ready():
                         batch.append(sub)
                 if batch:
                     try:
                         await self._fetch(batch)
-                    except Exception as exc:  # fail these subscriptions, never the tail itself
+                    except Exception as exc:  # fail these followers, never the tail itself
                         logger.exception("live tail: delivery failed")
                         for sub in batch:
                             sub._fail(exc)
 
-    async def _fetch(self, batch: list[Subscription]) -> None:
-        backoff: Backoff | None = None
-        while True:
-            try:
-                rows = await self._pool.fetch(
-                    sql.TAIL_PAGES,
-                    [sub.stream_key for sub in batch],
-                    [sub.after for sub in batch],
-                    self.page_size,
-                )
-                break
-            except Exception as exc:
-                if is_transient(exc):
-                    backoff = backoff or Backoff(self._retry_deadline)
-                    if await backoff.wait():
-                        continue
-                logger.warning("live tail: catch-up query failed: %r", exc)
-                for sub in batch:
-                    sub._fail(exc)
-                return
+    async def _fetch(self, batch: list[Follower]) -> None:
+        try:
+            rows = await self._db.fetch(
+                sql.TAIL_PAGES,
+                [sub.stream_key for sub in batch],
+                [sub.after for sub in batch],
+                self.page_size,
+            )
+        except Exception as exc:
+            logger.warning("live tail: catch-up query failed: %r", exc)
+            for sub in batch:
+                sub._fail(exc)
+            return
         by_index: dict[int, list[asyncpg.Record]] = {}
         for row in rows:
             by_index.setdefault(row[0], []).append(row)
         # One decode per row, however many readers. A seq is unique across streams.
-        decoded: dict[int, tuple[Any, str | None]] = {}
+        decoded: dict[int, Any] = {}
         for index, sub in enumerate(batch, start=1):
             sub_rows = by_index.get(index)
-            if not sub_rows:
+            if not sub_rows or sub._tail is not self:
                 continue
-            events = []
-            complete = False
-            for _, seq, data in sub_rows:
-                if data is None:  # a priming row: a cursor, never delivered
-                    continue
-                known = decoded.get(seq)
-                if known is None:
-                    try:
-                        message = load_message(data)
-                    except ValueError as exc:  # a row that will not decode: this stream only
-                        logger.error("live tail: event %s of stream %s does not decode", seq, sub.stream_key)
-                        sub._fail(exc)
-                        break
-                    known = decoded[seq] = (message, answered_request(message))
-                message, answers = known
-                events.append(EventMessage(message, format_event_id(sub.stream_key, seq, sub.tag)))
-                if ends_stream(answers, sub.stream_name):
-                    complete = True
-                    break
-            if sub._tail is not self:
-                continue  # failed above
-            sub._deliver(events, sub_rows[-1][1], complete)
-            if complete:
+            more = len(sub_rows) == self.page_size
+            try:
+                done = sub._take(sub_rows, decoded, more)
+            except Exception as exc:  # one follower's failure is its own
+                logger.exception("live tail: a follower of stream %s failed", sub.stream_key)
+                sub._fail(exc)
+                continue
+            if done:
                 self.remove(sub)
-            elif len(sub_rows) == self.page_size:
+            elif more and sub._tail is self:
                 self.mark(sub)  # more to read
 
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(self._poll_interval)
             self.mark_all()
-
-    async def _listen_loop(self) -> None:
-        assert self._listen_dsn is not None
-        backoff: Backoff | None = None
-        while True:
-            conn: asyncpg.Connection[Any] | None = None
-            try:
-                conn = await asyncpg.connect(
-                    self._listen_dsn, timeout=10, server_settings={"application_name": LISTENER_NAME}
-                )
-                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                conn.add_termination_listener(functools.partial(_settle, lost))
-                await conn.add_listener(wakeups.CHANNEL, self._on_notification)
-                # Whatever committed while we were not listening was announced to nobody.
-                self.mark_all()
-                self._listening.set()
-                backoff = None
-                while True:
-                    try:
-                        await asyncio.wait_for(asyncio.shield(lost), self._ping_interval)
-                        raise ConnectionError("the listener connection closed")
-                    except asyncio.TimeoutError:
-                        await conn.fetchval("SELECT 1", timeout=self._ping_interval)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._listening.clear()
-                self.reconnects += 1
-                logger.warning("live tail: listener lost, reconnecting: %r", exc)
-                backoff = backoff if backoff is not None else Backoff(float("inf"), cap=5.0)
-                await backoff.wait()
-            finally:
-                if conn is not None:
-                    conn.terminate()

@@ -1,9 +1,7 @@
-"""JSON-RPC messages to bytes and back, on mcp 1.x and 2.x alike.
+"""JSON-RPC messages to bytes and back, on mcp 1.x and 2.x alike (their types: ``compat.py``).
 
-1.x wraps every message in the pydantic RootModel ``mcp.types.JSONRPCMessage``;
-2.x has a plain union in ``mcp_types`` with a TypeAdapter. Both dump with
-``exclude_unset`` so that what comes back compares equal to what was stored,
-explicit ``None`` values and extra fields included.
+Both majors dump with ``exclude_unset`` so that what comes back compares equal
+to what was stored, explicit ``None`` values and extra fields included.
 """
 
 from __future__ import annotations
@@ -13,6 +11,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from mcp.server.streamable_http import EventMessage
 from pydantic import TypeAdapter, ValidationError
+
+from .compat import ROOT_MODEL, JSONRPCError, JSONRPCMessage, JSONRPCResponse, validate_json, validate_python
 
 if TYPE_CHECKING:
     from mcp.server.streamable_http import EventId
@@ -25,43 +25,19 @@ def _too_deep(exc: ValidationError) -> bool:
     return all(error["type"] == "json_invalid" for error in exc.errors())
 
 
-try:  # mcp 2.x
-    from mcp_types import JSONRPCError as _Error  # type: ignore[import-not-found, unused-ignore]
-    from mcp_types import JSONRPCMessage as _Message  # type: ignore[import-not-found, unused-ignore]
-    from mcp_types import JSONRPCResponse as _Response  # type: ignore[import-not-found, unused-ignore]
-    from mcp_types import jsonrpc_message_adapter as _adapter  # type: ignore[import-not-found, unused-ignore]
-
-    _ROOT_MODEL: type | None = None
-
-    def load_message(data: bytes) -> Any:
-        """The message stored as ``data``."""
-        try:
-            return _adapter.validate_json(data)
-        except ValidationError as exc:
-            if not _too_deep(exc):
-                raise
-            return _adapter.validate_python(json.loads(data))
-
-except ImportError:  # mcp 1.x
-    from mcp.types import JSONRPCError as _Error
-    from mcp.types import JSONRPCMessage as _Message
-    from mcp.types import JSONRPCResponse as _Response
-
-    _ROOT_MODEL = _Message  # type: ignore[assignment, unused-ignore]
-
-    def load_message(data: bytes) -> Any:
-        """The message stored as ``data``."""
-        try:
-            return _Message.model_validate_json(data)  # type: ignore[attr-defined, unused-ignore]
-        except ValidationError as exc:
-            if not _too_deep(exc):
-                raise
-            return _Message.model_validate(json.loads(data))  # type: ignore[attr-defined, unused-ignore]
+def load_message(data: bytes) -> Any:
+    """The message stored as ``data``."""
+    try:
+        return validate_json(data)
+    except ValidationError as exc:
+        if not _too_deep(exc):
+            raise
+        return validate_python(json.loads(data))
 
 
 # Validating a page as one JSON array saves pydantic's per-call overhead, about a
 # fifth of the cost of a replay.
-_page_adapter: TypeAdapter[list[Any]] = TypeAdapter(list[_Message])  # type: ignore[valid-type, unused-ignore]
+_page_adapter: TypeAdapter[list[Any]] = TypeAdapter(list[JSONRPCMessage])  # type: ignore[valid-type, unused-ignore]
 
 
 def load_messages(datas: list[bytes]) -> list[Any]:
@@ -82,9 +58,9 @@ def answered_request(message: Any) -> str | None:
     delivers, so by type: ``hasattr`` on a pydantic model costs an exception.
     """
     model: Any = message
-    if _ROOT_MODEL is not None and isinstance(message, _ROOT_MODEL):
+    if ROOT_MODEL is not None and isinstance(message, ROOT_MODEL):
         model = cast(Any, message).root  # mcp 1.x wraps every message
-    if isinstance(model, (_Response, _Error)):
+    if isinstance(model, (JSONRPCResponse, JSONRPCError)):
         return str(model.id)
     return None
 

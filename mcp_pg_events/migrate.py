@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from .config import resolve_dsn
+from .dsn import resolve_dsn
 
 
 def migrations_dir() -> Path:

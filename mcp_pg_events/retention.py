@@ -14,72 +14,28 @@ gone gives ``None`` (expired), never a partial replay.
 
 from __future__ import annotations
 
-import asyncio
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from . import sql
-from .config import connection_error, resolve_dsn
-from .errors import ConfigurationError
-from .schema import check_schema
+from .database import Database, check_schema, connect_one
+from .dsn import resolve_dsn
+from .settings import RetentionSettings
 
-DEFAULT_TTL = timedelta(days=1)
-DEFAULT_BATCH_SIZE = 2_000
-DEFAULT_PARTITIONS_AHEAD = 2
-# Roles other than the tables' owner may ask for at most 100 partitions ahead
-# (migration 0003), and a roll-over asks for one more than this.
-MAX_PARTITIONS_AHEAD = 99
-DEFAULT_LOCK_TIMEOUT = timedelta(seconds=1)
+if TYPE_CHECKING:
+    from typing import TypeAlias
 
+    from asyncpg.pool import PoolConnectionProxy
+    from typing_extensions import Unpack
 
-# The whole run is one CALL: its steps commit one by one inside. A statement
-# timeout meant for the application would cut a long run short (the CALL is one
-# statement), so our own connection has none.
-NO_STATEMENT_TIMEOUT = "SET statement_timeout = 0"
+    from .settings import RetentionOptions
 
-# $1 ttl, $2 batch size, $3 ended grace, $4 partition max age (NULL: a quarter of the ttl),
-# $5 partitions ahead, $6 lock timeout, $7 dry run
-RUN = """
-CALL mcp_events_retention(
-    ttl => $1, batch_size => $2, ended_grace => $3, partition_max_age => $4,
-    partitions_ahead => $5, lock_timeout => $6, dry_run => $7
-)
-"""
-
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90s``, ``30m``, ``1h``, ``7d``, ``1h30m``, ``500ms``, or a number of seconds."""
-    value = text.strip().lower()
-    try:
-        seconds = float(value)
-    except ValueError:
-        if not value or _DURATION_PART.sub("", value):
-            raise ValueError(f"not a duration: {text!r} (expected e.g. 90s, 30m, 1h, 7d)") from None
-        seconds = sum(float(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(value))
-    if not seconds >= 0 or seconds == float("inf"):
-        raise ValueError(f"not a duration: {text!r} (expected e.g. 90s, 30m, 1h, 7d)")
-    return timedelta(seconds=seconds)
-
-
-def format_duration(value: timedelta) -> str:
-    """The shortest of ``parse_duration``'s spellings, for messages: ``1h30m``, ``0s``."""
-    left = round(value.total_seconds() * 1000)
-    parts = []
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)):
-        if left >= size:
-            parts.append(f"{left // size}{unit}")
-            left %= size
-    return "".join(parts) or "0s"
+    _Conn: TypeAlias = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
 
 
 def format_bytes(n: int) -> str:
@@ -154,26 +110,15 @@ def _n(count: int, noun: str) -> str:
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
-if TYPE_CHECKING:
-    from typing import TypeAlias
-
-    from asyncpg.pool import PoolConnectionProxy
-
-    _Conn: TypeAlias = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
-
-
 @asynccontextmanager
-async def _connection(target: asyncpg.Pool[Any] | str | None) -> AsyncIterator[_Conn]:
+async def _connection(target: Database | asyncpg.Pool[Any] | str | None) -> AsyncIterator[_Conn]:
+    if isinstance(target, Database):
+        target = target.pool
     if isinstance(target, asyncpg.Pool):
         async with target.acquire() as borrowed:
             yield borrowed
         return
-    dsn = resolve_dsn(target)
-    try:
-        conn = await asyncpg.connect(dsn)
-    except (OSError, asyncio.TimeoutError, ValueError) as exc:
-        # A PostgresError (a bad login, say) is left as it is: --loop retries it.
-        raise connection_error(dsn, exc) from exc
+    conn = await connect_one(resolve_dsn(target))
     try:
         yield conn
     finally:
@@ -182,54 +127,29 @@ async def _connection(target: asyncpg.Pool[Any] | str | None) -> AsyncIterator[_
 
 
 async def run_retention(
-    target: asyncpg.Pool[Any] | str | None = None,
+    target: Database | asyncpg.Pool[Any] | str | None = None,
     *,
-    ttl: timedelta = DEFAULT_TTL,
+    settings: RetentionSettings | None = None,
     dry_run: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    ended_grace: timedelta = timedelta(0),
-    partition_max_age: timedelta | None = None,
-    partitions_ahead: int = DEFAULT_PARTITIONS_AHEAD,
-    lock_timeout: timedelta = DEFAULT_LOCK_TIMEOUT,
     progress: Callable[[str], object] | None = None,
+    **options: Unpack[RetentionOptions],
 ) -> RetentionReport:
     """Run retention once on a database; return what it did.
 
     Args:
-        target: an asyncpg pool (one connection is borrowed for the run), or a
-            DSN; ``$MCP_PG_EVENTS_DSN``, else ``$DATABASE_URL``, when None.
-        ttl: events older than this go. Replaying from a cursor that went
-            returns None, so this is how long a client may take to resume.
+        target: the store's ``Database``, an asyncpg pool (one connection is
+            borrowed for the run), or a DSN; ``$MCP_PG_EVENTS_DSN``, else
+            ``$DATABASE_URL``, when None.
+        settings: what goes and how gently (``RetentionSettings``: ``ttl``,
+            ``batch_size``, ``ended_grace``, ``partition_max_age``,
+            ``partitions_ahead``, ``lock_timeout``); ``options`` override single
+            fields. What neither gives comes from ``MCP_PG_EVENTS_<NAME>``, else
+            the default.
         dry_run: only report what would go, in a read-only transaction.
-        batch_size: rows per delete transaction, and seqs per delete window;
-            bounds how long each transaction holds its locks and how much WAL it
-            writes at once.
-        ended_grace: events of sessions ended (``end_session``) longer ago than
-            this go too, whatever their age.
-        partition_max_age: when the partition being written holds an event
-            older than this, the sequence jumps to the next partition, so that
-            low traffic still yields whole partitions to drop. Also how long
-            expired events may wait for their partition to expire whole rather
-            than be deleted row by row. None: a quarter of the ttl.
-        partitions_ahead: partitions kept ready above the sequence, so appends
-            never wait for one.
-        lock_timeout: how long a detach, drop or roll-over waits for its lock
-            before leaving the work to the next run. Appends queue behind a
-            waiting DETACH, so keep it short.
         progress: called with a line of text at every step (each partition,
             each batch).
     """
-    if batch_size < 1:
-        raise ConfigurationError(f"batch_size must be at least 1, got {batch_size}")
-    if not 1 <= partitions_ahead <= MAX_PARTITIONS_AHEAD:
-        raise ConfigurationError(
-            f"partitions_ahead must be between 1 and {MAX_PARTITIONS_AHEAD}, got {partitions_ahead}"
-        )
-    for name, value in (("ttl", ttl), ("ended_grace", ended_grace), ("partition_max_age", partition_max_age)):
-        if value is not None and value < timedelta(0):
-            raise ConfigurationError(f"{name} must not be negative, got -{format_duration(-value)}")
-    if lock_timeout <= timedelta(0):
-        raise ConfigurationError(f"lock_timeout must be more than 0, got {format_duration(lock_timeout)}")
+    settings = RetentionSettings.from_env(**options) if settings is None else settings.replace(**options)
 
     def forward(conn: object, message: asyncpg.PostgresLogMessage) -> None:
         if progress is not None:
@@ -240,15 +160,23 @@ async def run_retention(
         # Retention on an older schema would find no procedure, on a newer one
         # might do the wrong thing.
         await check_schema(conn)
-        await conn.execute(NO_STATEMENT_TIMEOUT)
-        args = (ttl, batch_size, ended_grace, partition_max_age, partitions_ahead, lock_timeout, dry_run)
+        await conn.execute(sql.NO_STATEMENT_TIMEOUT)
+        args = (
+            settings.ttl,
+            settings.batch_size,
+            settings.ended_grace,
+            settings.partition_max_age,
+            settings.partitions_ahead,
+            settings.lock_timeout,
+            dry_run,
+        )
         conn.add_log_listener(forward)
         try:
             if dry_run:
                 async with conn.transaction(readonly=True):
-                    row = await conn.fetchrow(RUN, *args)
+                    row = await conn.fetchrow(sql.RETENTION, *args)
             else:
-                row = await conn.fetchrow(RUN, *args)
+                row = await conn.fetchrow(sql.RETENTION, *args)
         finally:
             conn.remove_log_listener(forward)
     assert row is not None

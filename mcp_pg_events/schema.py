@@ -1,17 +1,15 @@
-"""The one schema definition: SQLAlchemy Core metadata that alembic migrates.
+"""The one schema definition of the tables: SQLAlchemy Core metadata that alembic migrates.
 
-Runtime I/O never goes through SQLAlchemy (see ``sql.py``); this module exists so
-that ``alembic check`` can prove the migrations and the code agree, and holds the
-one check, shared by the store and retention, that a database is at the revision
-this code needs.
+Runtime I/O never goes through SQLAlchemy (see ``sql.py`` and ``database.py``),
+and nothing the store imports imports this module: it exists so that ``alembic
+check`` can prove the migrations and the code agree. The functions and the
+retention procedure are in ``migrations/schema.sql``.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
-import asyncpg
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -29,37 +27,12 @@ from sqlalchemy import (
     text,
 )
 
-from .errors import SchemaNotReadyError
-from .sql import SCHEMA_VERSION
+from .database import EVENTS
 
 PREFIX = "mcp_events_"
-# The alembic revision this code needs; a test checks it is the migrations' head.
-SCHEMA_REVISION = "0004"
 VERSION_TABLE = "mcp_events_alembic_version"
 
-NOT_MIGRATED = (
-    "the mcp-pg-events tables are missing or outdated in this database: "
-    "run `mcp-pg-events migrate` (or `alembic upgrade head`) first"
-)
-
-
-def not_migrated(exc: BaseException) -> bool:
-    """True for the errors a database without our tables or functions gives."""
-    return isinstance(exc, (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError))
-
-
-async def check_schema(executor: Any) -> None:
-    """Raise ``SchemaNotReadyError`` unless the database (pool or connection) is at ``SCHEMA_REVISION``."""
-    try:
-        version = await executor.fetchval(SCHEMA_VERSION)
-    except asyncpg.UndefinedTableError as exc:
-        raise SchemaNotReadyError(NOT_MIGRATED) from exc
-    if version != SCHEMA_REVISION:
-        raise SchemaNotReadyError(f"{NOT_MIGRATED} (found revision {version}, need {SCHEMA_REVISION})")
-
-
 SEQUENCE = "mcp_events_seq"
-EVENTS = "mcp_events_events"
 # Child partitions are named after the parent plus the lower bound of their range.
 PARTITION_NAME = re.compile(rf"^{EVENTS}_p\d+$")
 

@@ -1,7 +1,16 @@
 """All runtime SQL, one named statement each, parameters as ``$n``.
 
-The schema itself is in ``schema.py`` and the migrations; nothing here is built
-from user data.
+The tables are in ``schema.py``, the functions and the retention procedure in
+``migrations/schema.sql`` (and the migrations that install them); nothing here is
+built from user data. ``database.py`` runs these.
+
+Advisory locks, every key this package takes (two-key form: namespace, key):
+- ``(1835233381, hashint8(stream key))``, transaction-level: one append in
+  flight per stream, across processes (``APPEND_BATCH``).
+- ``hashtext('mcp_events_partitions')``, transaction-level: one partition
+  maintainer at a time (``mcp_events_ensure_partitions``).
+- ``hashtext('mcp_events_retention')``, session-level: one retention run per
+  database (``mcp_events_retention``).
 """
 
 # Find or create a session's stream; returns its key, tag and newest seq. The
@@ -19,6 +28,18 @@ SELECT session.id, $2, $3, $4 FROM session
 ON CONFLICT (session_id, name) DO UPDATE SET tag = mcp_events_streams.tag
 RETURNING id, tag,
     (SELECT max(e.seq) FROM mcp_events_events e WHERE e.stream_key = mcp_events_streams.id) AS last_seq
+"""
+
+# A stream's key, tag and newest seq, if it exists: where to follow it "from now".
+# An append in flight holds the stream's advisory lock and takes its seq after
+# the newest committed row, so whatever commits after this read has a larger seq.
+# $1 session key, $2 stream name (bytes)
+STREAM_HEAD = """
+SELECT st.id, st.tag,
+    (SELECT max(e.seq) FROM mcp_events_events e WHERE e.stream_key = st.id) AS last_seq
+FROM mcp_events_streams st
+JOIN mcp_events_sessions se ON se.id = st.session_id
+WHERE se.key = $1 AND st.name = $2
 """
 
 # Append a batch of events (at most one per stream), committed together by the
@@ -125,3 +146,24 @@ ENSURE_PARTITIONS = "SELECT mcp_events_ensure_partitions()"
 
 # The schema version alembic recorded.
 SCHEMA_VERSION = "SELECT version_num FROM mcp_events_alembic_version"
+
+# The oldest code revision a database newer than the code still serves (see
+# database.check_schema); asked only of a database newer than the code.
+COMPATIBLE_SINCE = "SELECT mcp_events_compatible_since()"
+
+# The listener's liveness probe.
+PING = "SELECT 1"
+
+# Retention's connection: the whole run is one CALL whose steps commit one by one
+# inside, so a statement timeout meant for the application would cut it short.
+NO_STATEMENT_TIMEOUT = "SET statement_timeout = 0"
+
+# One retention run (see migrations/schema.sql).
+# $1 ttl, $2 batch size, $3 ended grace, $4 partition max age (NULL: a quarter of the ttl),
+# $5 partitions ahead, $6 lock timeout, $7 dry run
+RETENTION = """
+CALL mcp_events_retention(
+    ttl => $1, batch_size => $2, ended_grace => $3, partition_max_age => $4,
+    partitions_ahead => $5, lock_timeout => $6, dry_run => $7
+)
+"""

@@ -24,13 +24,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import Any
-
-import asyncpg
 
 from . import sql
+from .database import Database
 
-logger = logging.getLogger("mcp_pg_events")
+logger = logging.getLogger(__name__)
 
 CHANNEL = "mcp_events_v1"
 EVERY_STREAM = "*"
@@ -77,7 +75,8 @@ class Notifier:
     """Sends coalesced wake-ups on a pool connection, best effort.
 
     Args:
-        pool: where the connection comes from.
+        db: the gateway; a wake-up is tried once, never retried (the next one, or
+            the readers' catch-up, makes up for it).
         min_interval: seconds between two wake-ups at least. A wake-up is a
             transaction of its own that competes with the appends for the
             server; a writer committing back to back sends one per interval
@@ -85,8 +84,8 @@ class Notifier:
             quiet spell the first one goes at once.
     """
 
-    def __init__(self, pool: asyncpg.Pool[Any], *, min_interval: float = 0.0005) -> None:
-        self._pool = pool
+    def __init__(self, db: Database, *, min_interval: float) -> None:
+        self._db = db
         self._min_interval = min_interval
         self._pending: set[int] = set()
         self._task: asyncio.Task[None] | None = None
@@ -108,7 +107,7 @@ class Notifier:
                 keys, self._pending = self._pending, set()
                 self._last_sent = loop.time()
                 try:
-                    await self._pool.execute(sql.NOTIFY, CHANNEL, encode(sorted(keys)))
+                    await self._db.execute(sql.NOTIFY, CHANNEL, encode(sorted(keys)), retry=False)
                 except Exception as exc:  # best effort: readers catch up by query
                     logger.debug("wake-up not sent, readers will catch up: %r", exc)
         finally:

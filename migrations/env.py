@@ -11,7 +11,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from mcp_pg_events.config import resolve_dsn, sqlalchemy_url
+from mcp_pg_events.dsn import resolve_dsn, sqlalchemy_url
 from mcp_pg_events.schema import VERSION_TABLE, metadata, owns
 
 config = context.config

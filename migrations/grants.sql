@@ -65,8 +65,10 @@ GRANT SELECT, INSERT, UPDATE ON mcp_events_sessions, mcp_events_streams TO :"run
 GRANT SELECT, INSERT ON mcp_events_events TO :"runtime_role";
 -- nextval() in every append.
 GRANT USAGE ON SEQUENCE mcp_events_seq TO :"runtime_role";
--- The schema check at connect time.
+-- The schema check at connect time (and, on a database newer than the code,
+-- whether it still serves this code).
 GRANT SELECT ON mcp_events_alembic_version TO :"runtime_role";
+GRANT EXECUTE ON FUNCTION mcp_events_compatible_since TO :"runtime_role", :"retention_role";
 -- An append that finds no partition creates it and retries.
 GRANT EXECUTE ON FUNCTION mcp_events_ensure_partitions TO :"runtime_role";
 -- PostgreSQL lets PUBLIC execute a new function: only these two roles (and the

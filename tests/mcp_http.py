@@ -1,7 +1,7 @@
 """Helpers for end-to-end tests: the test server's tools, and reading its events.
 
 The client, the SSE parser, the recording store and the loopback server are the
-demo's (``mcp_pg_events.demo``): one implementation, exercised by both.
+package's public ones (``mcp_pg_events.testing``), which the demo uses too.
 """
 
 from __future__ import annotations
@@ -9,16 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from mcp_pg_events.demo import (
-    SSE,
-    Context,
-    McpClient,
-    RecordingStore,
-    is_response,
-    new_server,
-    serve,
-    streamable_app,
-)
+from mcp_pg_events.compat import Context, new_server
+from mcp_pg_events.testing import SSE, McpClient, RecordingStore, is_response, serve, streamable_app
 
 __all__ = [
     "SSE",

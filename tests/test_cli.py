@@ -8,7 +8,7 @@ import sys
 
 import asyncpg
 
-from mcp_pg_events.schema import SCHEMA_REVISION
+from mcp_pg_events.database import SCHEMA_REVISION
 
 
 async def start_cli(

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore, StreamIdTooLongError, UnscopedEventStoreError
-from mcp_pg_events.store import INDEXED_STREAM_ID_BYTES, MAX_STREAM_ID_BYTES
+from mcp_pg_events.event_log import INDEXED_STREAM_ID_BYTES, MAX_STREAM_ID_BYTES
+from mcp_pg_events.testing import MemoryEventStore
 
-from .memory_store import MemoryEventStore
 from .messages import error, notification, progress_message, request, response
 
 VISIBLE_ASCII = re.compile(r"\A[\x21-\x7e]{1,64}\Z")

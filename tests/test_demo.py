@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from mcp_pg_events.demo import McpClient
+from mcp_pg_events.testing import McpClient
 
 from .mcp_http import wait_for_line
 

@@ -22,7 +22,8 @@ import pytest
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore, migrate
-from mcp_pg_events.demo import Context, McpClient, new_server, serve, streamable_app
+from mcp_pg_events.compat import Context, new_server
+from mcp_pg_events.testing import McpClient, serve, streamable_app
 from mcp_pg_events.wakeups import CHANNEL
 
 from .conftest import _admin, _database
@@ -189,7 +190,7 @@ async def ride_out(dsn: str, fault: Callable[[StreamLoad], Awaitable[None]]) -> 
     ):
         load = StreamLoad(store)
         await load.start()
-        await store.live_tail.wait_listening()
+        await store.listener.wait_listening()
         ticking = [asyncio.Event() for _ in range(4)]
         sessions = [
             asyncio.create_task(sdk_session(url, f"sdk{i}", started)) for i, started in enumerate(ticking)
@@ -206,7 +207,7 @@ async def ride_out(dsn: str, fault: Callable[[StreamLoad], Awaitable[None]]) -> 
         await load.wait_for_more_acks(200)
         sent = await asyncio.wait_for(asyncio.gather(*sessions), 120)
         await load.finish()
-        assert store.live_tail.reconnects >= 1
+        assert store.listener.reconnects >= 1
 
     during = [s for started, s in load.latencies if began - 1 <= started <= ended]
     print(
@@ -307,7 +308,7 @@ async def test_two_processes_appending_to_one_stream_make_one_order_that_a_subsc
         cursor = await view.store_event("9", None)
         subscription = view.subscribe(cursor)
         assert await subscription.open()
-        await store.live_tail.wait_listening()
+        await store.listener.wait_listening()
         reading = asyncio.create_task(collect(subscription, timeout=120))
 
         count = 400
@@ -370,7 +371,7 @@ async def test_a_stuck_listener_a_flood_and_a_killed_listener_stall_no_append_an
         async with await PostgresEventStore.connect(dsn, poll_interval=3600) as store:
             load = StreamLoad(store)
             await load.start()
-            await store.live_tail.wait_listening()
+            await store.listener.wait_listening()
             flooder = asyncio.create_task(flood())
             await load.wait_for_more_acks(300)
             killed = await kill_listener(admin)
@@ -381,7 +382,7 @@ async def test_a_stuck_listener_a_flood_and_a_killed_listener_stall_no_append_an
             flooding.set()
             await flooder
             await load.finish()
-            assert store.live_tail.reconnects >= 1
+            assert store.listener.reconnects >= 1
     finally:
         await stuck.close()
     print(f"\nqueue usage {usage:.2e}; appends: {percentiles([s for _, s in load.latencies])}")

@@ -42,9 +42,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mcp_pg_events import PostgresEventStore, SessionEventStore, StreamIdTooLongError, run_retention
-from mcp_pg_events.demo import SSEStream, new_server, streamable_app
+from mcp_pg_events.compat import new_server
 from mcp_pg_events.event_ids import parse_event_id
-from mcp_pg_events.store import INDEXED_STREAM_ID_BYTES, MAX_SESSION_KEY_LENGTH, MAX_STREAM_ID_BYTES
+from mcp_pg_events.event_log import INDEXED_STREAM_ID_BYTES, MAX_SESSION_KEY_LENGTH, MAX_STREAM_ID_BYTES
+from mcp_pg_events.testing import SSEStream, streamable_app
 
 from .mcp_http import SSE, McpClient, RecordingStore, build_app, data_events, serve
 from .messages import MCP_MAJOR, notification, progress_message, response

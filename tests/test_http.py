@@ -13,7 +13,7 @@ import pytest
 from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
 
 from mcp_pg_events import PostgresEventStore
-from mcp_pg_events.demo import READ_TIMEOUT
+from mcp_pg_events.testing import READ_TIMEOUT
 
 from .mcp_http import (
     SSE,

@@ -10,8 +10,8 @@ from mcp.server.streamable_http import EventStore
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from mcp_pg_events import PostgresEventStore, PostgresSessionManager, scope_sessions
+from mcp_pg_events.testing import MemoryEventStore
 
-from .memory_store import MemoryEventStore
 from .messages import notification
 from .test_contract import Recorder
 

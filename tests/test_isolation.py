@@ -22,8 +22,8 @@ import asyncpg
 import httpx
 
 from mcp_pg_events import PostgresEventStore
-from mcp_pg_events.demo import SSEStream
 from mcp_pg_events.event_ids import parse_event_id
+from mcp_pg_events.testing import SSEStream
 
 from .mcp_http import SSE, McpClient, RecordingStore, build_app, serve
 

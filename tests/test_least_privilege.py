@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from mcp_pg_events import McpPgEventsError, PostgresEventStore, wakeups
-from mcp_pg_events.config import redact
+from mcp_pg_events.dsn import redact
 from mcp_pg_events.retention import run_retention
 
 from .deployments import Deployment, apply_grants, new_roles, quote_ident
@@ -110,7 +110,7 @@ async def test_the_runtime_role_appends_replays_follows_live_and_ends_sessions(
 
         async with view.subscribe(ids[-1]) as following:
             assert await following.open()
-            await asyncio.wait_for(store.live_tail.wait_listening(), 10)
+            await asyncio.wait_for(store.listener.wait_listening(), 10)
             events = aiter(following)
             async with deployment.store() as writer:
                 writing = writer.session("s")
@@ -725,7 +725,7 @@ async def test_appends_keep_their_latency_and_subscribers_every_event_while_anot
             assert await subscription.open()
             cursors.append(cursor)
             readers.append(asyncio.create_task(collect(subscription, timeout=120)))
-        await store.live_tail.wait_listening()
+        await store.listener.wait_listening()
         async with deployment.connect(deployment.owner) as owner:
             stream_keys = [r["id"] for r in await owner.fetch("SELECT id FROM mcp_events_streams")]
 
@@ -752,6 +752,7 @@ async def test_appends_keep_their_latency_and_subscribers_every_event_while_anot
             await view.store_event(stream, response(int(stream), {}))
         delivered = await asyncio.gather(*readers)
         tail = store.live_tail
+        listener = store.listener
 
     for i, events in enumerate(delivered):
         assert [e.event_id for e in events[:-1]] == acked[i]
@@ -760,12 +761,13 @@ async def test_appends_keep_their_latency_and_subscribers_every_event_while_anot
     p99 = statistics.quantiles(every, n=100)[98]
     print(
         f"\n{flood.sent} notifications flooded, {tail.unreadable_payloads} ignored, "
-        f"{tail.dropped_payloads} dropped, {tail.reconnects} reconnects; appends p99 {p99 * 1000:.1f} ms; "
+        f"{tail.dropped_payloads} dropped, {listener.reconnects} reconnects; "
+        f"appends p99 {p99 * 1000:.1f} ms; "
         + "; ".join(f"{kind}: {percentiles(seconds)}" for kind, seconds in latencies.items())
     )
     # Generous: about 8 ms unflooded on a busy 2-core machine; 135-433 ms before the listener was bounded.
     assert p99 < 0.060
-    assert tail.reconnects == 0
+    assert listener.reconnects == 0
     assert tail.unreadable_payloads > 0  # the flood reached the listener
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from mcp.server.streamable_http import EventMessage
 
 from mcp_pg_events import PostgresEventStore
-from mcp_pg_events.live import LISTENER_NAME
+from mcp_pg_events.listener import LISTENER_NAME
 
 from .messages import model_of, notification, params_of, progress_message, response
 from .proxy import FlakyProxy
@@ -76,7 +77,7 @@ async def test_a_subscriber_gets_what_another_process_writes_in_order(
     cursor = await view.store_event("7", None)
     subscription = view.subscribe(cursor)
     assert await subscription.open()
-    await live_store.live_tail.wait_listening()
+    await live_store.listener.wait_listening()
 
     count = 300
     writer = await WriterProcess.start(dsn, "s", "w", ["7"], end=count, respond=True)
@@ -101,8 +102,7 @@ async def test_a_killed_listener_misses_nothing_and_doubles_nothing(
         cursor = await view.store_event("3", None)
         subscription = view.subscribe(cursor)
         assert await subscription.open()
-        tail = store.live_tail
-        await tail.wait_listening()
+        await store.listener.wait_listening()
         reading = asyncio.create_task(collect(subscription))
 
         async def write(numbers: range) -> None:
@@ -120,7 +120,7 @@ async def test_a_killed_listener_misses_nothing_and_doubles_nothing(
         events = await reading
         assert [progress(e) for e in events] == [*range(200), ("response", 3)]
         assert len({e.event_id for e in events}) == len(events)
-        assert tail.reconnects >= 1
+        assert store.listener.reconnects >= 1
 
 
 async def test_poll_only_mode_delivers_everything(dsn: str) -> None:
@@ -235,3 +235,52 @@ async def test_a_row_that_will_not_decode_fails_its_subscription_not_the_others(
     assert not isinstance(delivered, BaseException)
     assert [progress(e) for e in delivered] == [("response", 1)]
     assert live_store.live_tail.subscriptions == 0
+
+
+async def test_a_stream_follower_gets_every_row_after_the_head_across_a_lost_listener(
+    live_store: PostgresEventStore, admin: asyncpg.Connection
+) -> None:
+    # The raw follower (the subscription bus's, the brokers'): from "now", in
+    # order, rows written while the listener was down included, a failing
+    # callback no reason to stop.
+    log = live_store.log
+    view = live_store.session("bus")
+    await view.store_event("topic", notification("before the head"))
+    head = await log.stream_head("bus", "topic")
+    assert head is not None and head.last_seq > 0
+    got: list[bytes | None] = []
+    enough = asyncio.Event()
+    calls = 0
+
+    def on_rows(rows: list[tuple[int, bytes | None]]) -> None:
+        nonlocal calls
+        calls += 1
+        got.extend(data for _, data in rows)
+        if len(got) >= 40:
+            enough.set()
+        if calls == 1:
+            raise RuntimeError("a consumer's bug")
+
+    follower = log.follow(head, on_rows)
+    await live_store.listener.wait_listening()
+    big = "x" * 20_000  # more than a notification carries: it is in the row
+    for i in range(20):
+        await view.store_event("topic", notification("n", {"i": i, "big": big}))
+    assert await kill_listener(admin) == 1
+    for i in range(20, 40):
+        await view.store_event("topic", notification("n", {"i": i}))
+    await asyncio.wait_for(enough.wait(), 30)
+    log.unfollow(follower)
+    numbers = [json.loads(data)["params"]["i"] for data in got if data]
+    assert numbers == list(range(40))
+    assert json.loads(got[0] or b"")["params"]["big"] == big
+    assert live_store.live_tail.subscriptions == 0
+
+
+async def test_the_head_of_a_stream_that_does_not_exist_is_none_unless_created(
+    live_store: PostgresEventStore,
+) -> None:
+    assert await live_store.log.stream_head("nobody", "nothing") is None
+    head = await live_store.log.stream_head("nobody", "nothing", create=True)
+    assert head is not None and head.last_seq == 0
+    assert await live_store.log.stream_head("nobody", "nothing") == head

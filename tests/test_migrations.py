@@ -14,7 +14,7 @@ from alembic import command
 from alembic.script import ScriptDirectory
 
 from mcp_pg_events import PostgresEventStore, migrate, run_retention
-from mcp_pg_events.schema import SCHEMA_REVISION
+from mcp_pg_events.database import SCHEMA_REVISION
 
 from .deployments import new_roles, quote_ident
 from .messages import notification
@@ -102,7 +102,7 @@ async def test_in_a_schema_named_anyhow_every_function_is_pinned_to_it_and_works
                 "AND p.prokind = 'f' AND p.pronamespace = to_regnamespace($1)",
                 quote_ident(schema),
             )
-            assert len(configs) == 12
+            assert len(configs) == 13
             assert {tuple(r["proconfig"]) for r in configs} == {
                 (f"search_path=pg_catalog, {quote_ident(schema)}, pg_temp",)
             }

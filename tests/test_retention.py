@@ -17,13 +17,8 @@ import pytest
 
 from mcp_pg_events import PostgresEventStore, SchemaNotReadyError
 from mcp_pg_events.event_ids import parse_event_id
-from mcp_pg_events.retention import (
-    RetentionReport,
-    end_session,
-    format_duration,
-    parse_duration,
-    run_retention,
-)
+from mcp_pg_events.retention import RetentionReport, end_session, run_retention
+from mcp_pg_events.settings import format_duration, parse_duration
 
 from .messages import progress_message as message
 from .test_cli import run_cli, start_cli

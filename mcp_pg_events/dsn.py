@@ -1,13 +1,12 @@
-"""Where settings come from: arguments first, then the environment."""
+"""DSNs: which one to use (an argument, else the environment), and how to show one without its password."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 from urllib.parse import unquote
 
-from .errors import ConfigurationError, McpPgEventsError, StoreUnavailableError
+from .errors import ConfigurationError
 
 DSN_ENV = "MCP_PG_EVENTS_DSN"
 FALLBACK_DSN_ENV = "DATABASE_URL"
@@ -30,17 +29,6 @@ def sqlalchemy_url(dsn: str) -> str:
     if not sep or scheme not in ("postgres", "postgresql", "postgresql+asyncpg"):
         raise ConfigurationError(f"not a PostgreSQL DSN (expected postgresql://...): {redact(dsn)}")
     return f"postgresql+asyncpg://{rest}"
-
-
-def connection_error(dsn: str, exc: BaseException) -> McpPgEventsError:
-    """What a failed connect means to the user, in one line without the password.
-
-    Unreachable (network, timeout) may pass; anything else (bad credentials, no
-    such database, a malformed DSN) is the configuration's to fix.
-    """
-    if isinstance(exc, (OSError, asyncio.TimeoutError)):
-        return StoreUnavailableError(f"cannot reach the database at {redact(dsn)}: {exc}")
-    return ConfigurationError(f"cannot connect to {redact(dsn)}: {exc}")
 
 
 _MASK = "***"
