@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from . import sql
+from . import metrics, sql
 from .database import NOT_MIGRATED, Backoff, Database, answer_lost, no_partition, not_migrated
 from .errors import SchemaNotReadyError
 from .settings import StoreSettings
@@ -201,12 +202,15 @@ class GroupCommitWriter:
                 if seqs is None:
                     conn = self._connections.pop() if self._connections else await self._db.acquire()
                     pid = conn.get_server_pid()
+                    messages = [item.data for item in batch]
+                    started = time.perf_counter()
                     try:
-                        rows = await conn.fetch(sql.APPEND_BATCH, keys, [item.data for item in batch])
+                        rows = await conn.fetch(sql.APPEND_BATCH, keys, messages)
                     except Exception as exc:
                         if answer_lost(exc):
                             unsure = pid
                         raise
+                    metrics.batch_committed(messages, time.perf_counter() - started)
                     self._keep(conn)
                     conn = None
                     seqs = {row[0]: row[1] for row in rows}
@@ -217,7 +221,14 @@ class GroupCommitWriter:
                 if repairs < 3 and no_partition(exc):
                     # Partition maintenance is late: create what the sequence needs, retry.
                     repairs += 1
-                    await self._db.fetchval(sql.ENSURE_PARTITIONS, retry=False)
+                    created = await self._db.fetchval(sql.ENSURE_PARTITIONS, retry=False)
+                    metrics.partitions_created(created or 0, "append")
+                    logger.warning(
+                        "store_event: no partition for the next events (is retention scheduled? it keeps "
+                        "partitions ahead): created %s, retrying a batch of %d",
+                        created,
+                        len(batch),
+                    )
                     continue
                 if repairs < 3 and isinstance(exc, asyncpg.ForeignKeyViolationError):
                     repairs += 1
@@ -240,6 +251,7 @@ class GroupCommitWriter:
                 if not await backoff.wait():
                     self._fail(batch, backoff.gave_up(exc, "event not stored: "), exc)
                     return
+                metrics.retrying(exc)
                 continue
             for item in batch:
                 if not item.future.done():

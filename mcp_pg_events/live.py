@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 from mcp.server.streamable_http import EventMessage
 
-from . import sql, wakeups
+from . import metrics, sql, wakeups
 from .compat import STANDALONE_STREAM
 from .database import Database
 from .event_ids import format_event_id
@@ -276,11 +276,14 @@ class LiveTail:
         # Payloads received since the fetch loop last looked, each once.
         self._payloads: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        # Kept by add and remove, so that a metric reader's thread can read it.
+        self._followers = 0
+        metrics.follow_tail(self)
 
     @property
     def subscriptions(self) -> int:
         """How many streams are followed, by subscriptions and other followers."""
-        return sum(len(subs) for subs in self._by_stream.values())
+        return self._followers
 
     def start(self) -> None:
         if self._tasks:
@@ -292,7 +295,11 @@ class LiveTail:
             self._tasks.append(loop.create_task(self._listen(self._listener)))
 
     async def _listen(self, listener: Listener) -> None:
-        await listener.listen(wakeups.CHANNEL, self._on_notification, self.mark_all)
+        await listener.listen(wakeups.CHANNEL, self._on_notification, self._on_connect)
+
+    def _on_connect(self) -> None:
+        metrics.caught_up("listener_connect")
+        self.mark_all()
 
     async def close(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -310,13 +317,17 @@ class LiveTail:
         """Follow ``follower``'s stream after its cursor, from now on (a catch-up first)."""
         self.start()
         follower._tail = self
-        self._by_stream.setdefault(follower.stream_key, set()).add(follower)
+        subs = self._by_stream.setdefault(follower.stream_key, set())
+        if follower not in subs:
+            subs.add(follower)
+            self._followers += 1
         self.mark(follower)
 
     def remove(self, follower: Follower) -> None:
         subs = self._by_stream.get(follower.stream_key)
-        if subs is not None:
-            subs.discard(follower)
+        if subs is not None and follower in subs:
+            subs.remove(follower)
+            self._followers -= 1
             if not subs:
                 del self._by_stream[follower.stream_key]
         self._due.pop(follower, None)
@@ -352,6 +363,8 @@ class LiveTail:
 
     def _read_payloads(self) -> None:
         payloads, self._payloads = self._payloads, set()
+        if payloads:
+            metrics.woken(len(payloads))
         for payload in payloads:
             keys = wakeups.decode(payload)
             self.mark_streams(keys)
@@ -392,6 +405,7 @@ class LiveTail:
             for sub in batch:
                 sub._fail(exc)
             return
+        metrics.fetched(len(rows))
         by_index: dict[int, list[asyncpg.Record]] = {}
         for row in rows:
             by_index.setdefault(row[0], []).append(row)
@@ -416,4 +430,5 @@ class LiveTail:
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(self._poll_interval)
+            metrics.caught_up("poll")
             self.mark_all()
