@@ -191,8 +191,10 @@ class GroupCommitWriter:
         # The server process of a batch whose answer was lost: it may have committed, or may still.
         unsure: int | None = None
         repairs = 0
+        started = time.perf_counter()
         while batch:
             keys = [item.stream_key for item in batch]
+            messages = [item.data for item in batch]
             conn: PoolConnectionProxy[Any] | None = None
             try:
                 seqs = None
@@ -202,15 +204,12 @@ class GroupCommitWriter:
                 if seqs is None:
                     conn = self._connections.pop() if self._connections else await self._db.acquire()
                     pid = conn.get_server_pid()
-                    messages = [item.data for item in batch]
-                    started = time.perf_counter()
                     try:
                         rows = await conn.fetch(sql.APPEND_BATCH, keys, messages)
                     except Exception as exc:
                         if answer_lost(exc):
                             unsure = pid
                         raise
-                    metrics.batch_committed(messages, time.perf_counter() - started)
                     self._keep(conn)
                     conn = None
                     seqs = {row[0]: row[1] for row in rows}
@@ -253,6 +252,7 @@ class GroupCommitWriter:
                     return
                 metrics.retrying(exc)
                 continue
+            metrics.batch_committed(messages, time.perf_counter() - started)
             for item in batch:
                 if not item.future.done():
                     item.future.set_result(seqs[item.stream_key])

@@ -78,7 +78,7 @@ METRICS = (
     ),
     Metric(
         "mcp_pg_events.commit.duration", "histogram", "s",
-        "Time of one batch's INSERT and commit, the last attempt's.",
+        "Time from a batch's first INSERT until its commit is known, retries included.",
         (), _SECONDS,
     ),
     Metric(
