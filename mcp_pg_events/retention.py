@@ -104,21 +104,23 @@ class RetentionReport:
         )
         line = (
             f"{'dry run' if self.dry_run else 'retention'} in {self.seconds:.1f}s: "
-            f"{_n(self.partitions_dropped, 'partition')} {done[0]}, "
-            f"{_n(self.rows_deleted, 'row')} {done[1]}, "
-            f"{_n(self.streams_removed, 'stream')} and {_n(self.sessions_removed, 'session')} {done[2]}, "
+            f"{counted(self.partitions_dropped, 'partition')} {done[0]}, "
+            f"{counted(self.rows_deleted, 'row')} {done[1]}, "
+            f"{counted(self.streams_removed, 'stream')} and "
+            f"{counted(self.sessions_removed, 'session')} {done[2]}, "
             f"{done[3]} {format_bytes(self.bytes_freed)}"
         )
         if self.rolled_over_to is not None:
             line += f"; {'would roll' if self.dry_run else 'rolled'} over to seq {self.rolled_over_to}"
         if self.partitions_created:
-            line += f"; {_n(self.partitions_created, 'partition')} created ahead"
+            line += f"; {counted(self.partitions_created, 'partition')} created ahead"
         if not self.complete:
             line += "; a lock was not granted in time, the rest is left for the next run"
         return line
 
 
-def _n(count: int, noun: str) -> str:
+def counted(count: int, noun: str) -> str:
+    """``1 stream``, ``2,000 rows``."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
