@@ -646,14 +646,14 @@ def _retention_bound(bounds: RetentionSettings) -> tuple[timedelta, str]:
 async def _retention_check(conn: asyncpg.Connection[Any], bounds: RetentionSettings) -> _Check:
     limit, why = _retention_bound(bounds)
     age = await conn.fetchval(sql.OLDEST_AGE_BEYOND, limit)
-    facts = {"limit_seconds": limit.total_seconds(), "oldest_beyond_limit_seconds": _seconds(age)}
+    facts = {"limit_seconds": limit.total_seconds(), "oldest_age_seconds": _seconds(age)}
     if age is None:
         return _Check("retention", True, f"no event older than {format_duration(limit)} ({why})", facts=facts)
     return _Check(
         "retention",
         False,
-        f"the oldest event is {_age(age)} old, beyond {format_duration(limit)} ({why})",
-        f"events older than retention keeps them (oldest {_age(age)}): retention is not running, "
+        f"events up to {_age(age)} old, beyond {format_duration(limit)} ({why})",
+        f"events older than retention keeps them (up to {_age(age)} old): retention is not running, "
         f"failing or runs with a longer --ttl; {_SCHEDULE_RETENTION}, or pass status the --ttl it runs with",
         facts=facts,
     )

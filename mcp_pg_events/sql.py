@@ -199,12 +199,17 @@ NEXT_SEQ = "SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END F
 # use after its creation or a roll-over.
 NEXT_SEQ_FROM_USAGE = "SELECT pg_sequence_last_value('mcp_events_seq') + 1"
 
-# The age of the oldest event older than $1, if any. The BRIN index on (seq,
-# created_at) skips every page range without one, so a database that retention
-# keeps within its bounds answers without reading the table.
+# How old events older than $1 are, if there are any: the oldest of the first
+# thousand found, partitions oldest first (retention removes a prefix of the
+# sequence, so that is about the oldest of all, and a database that retention
+# neglects is not read whole). The BRIN index on (seq, created_at) skips every
+# page range without one: a database within its bounds answers without reading
+# the table.
 # $1 interval
 OLDEST_AGE_BEYOND = """
-SELECT now() - min(created_at) FROM mcp_events_events WHERE created_at < now() - $1::interval
+SELECT now() - min(created_at) FROM (
+    SELECT created_at FROM mcp_events_events WHERE created_at < now() - $1::interval LIMIT 1000
+) AS old
 """
 
 # Sessions and streams: not ended, and those with an event in the last $1 (the

@@ -83,7 +83,7 @@ async def test_status_when_retention_does_not_run_exits_1(
     code, out, err = await run_cli("status", "--dsn", dsn)
     assert code == 1, out + err
     [problem] = problems(out)
-    assert problem.startswith("problem: retention: events older than retention keeps them (oldest 30d")
+    assert problem.startswith("problem: retention: events older than retention keeps them (up to 30d")
     assert "schedule `mcp-pg-events retention`" in problem
     # A longer TTL, as retention may run with, keeps them.
     code, out, _ = await run_cli("status", "--dsn", dsn, MCP_PG_EVENTS_TTL="60d")
