@@ -955,7 +955,9 @@ async def _tail_async(dsn: str, args: argparse.Namespace) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
     # It only reads: a small pool, no wake-ups of its own.
-    async with await PostgresEventStore.connect(dsn, min_pool_size=1, max_pool_size=2, notify=False) as store:
+    async with await PostgresEventStore.connect(
+        dsn, min_pool_size=1, max_pool_size=2, max_inflight=1, notify=False
+    ) as store:
         floor: int | None = None
         if args.after is not None:
             cursor = await store.log.open_cursor(args.session, args.after)
