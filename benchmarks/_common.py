@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
-import inspect
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import asyncpg
 from mcp.server.streamable_http import EventMessage, EventStore
 
 import mcp_pg_events
-from mcp_pg_events import PostgresEventStore, migrate
+from mcp_pg_events import PostgresEventStore, StoreSettings, migrate
 from mcp_pg_events.compat import MCP_MAJOR
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -210,13 +209,13 @@ def latency_summary(latencies: list[float]) -> dict[str, float]:
 
 
 def store_default(name: str) -> Any:
-    """A default of ``PostgresEventStore``, so that a benchmark follows the store."""
-    return inspect.signature(PostgresEventStore.__init__).parameters[name].default
+    """A default of the store's settings, so that a benchmark follows the store."""
+    return getattr(StoreSettings(), name)
 
 
 def default_pool_size() -> int:
     """The pool ``PostgresEventStore.connect()`` opens by default, so a benchmark follows the store."""
-    return int(inspect.signature(PostgresEventStore.connect).parameters["max_pool_size"].default)
+    return StoreSettings().max_pool_size
 
 
 def int_list(text: str) -> list[int]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from . import sql
+from . import metrics, sql
 from .dsn import redact
 from .errors import ConfigurationError, McpPgEventsError, SchemaNotReadyError, StoreUnavailableError
 
@@ -191,6 +191,8 @@ class Backoff:
             f"{what}database unavailable for {self._seconds:.1f}s ({self.attempts} attempts): {exc}"
         )
         error.__cause__ = exc
+        metrics.gave_up(exc)
+        logger.error("giving up: %s", error)
         return error
 
 
@@ -330,6 +332,7 @@ class Database:
             backoff = backoff or self.backoff()
             if not await backoff.wait():
                 raise backoff.gave_up(error) from error
+            metrics.retrying(error)
 
     async def acquire(self) -> PoolConnectionProxy[Any]:
         """A pool connection for the caller to keep a while (the writer's); give it back with ``release``."""

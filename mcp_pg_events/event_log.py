@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from mcp.server.streamable_http import EventCallback, EventId, EventMessage, StreamId
 
-from . import sql
+from . import metrics, sql
 from .database import Database
 from .errors import StoreUnavailableError, StreamIdTooLongError
 from .event_ids import EventRef, format_event_id, new_tag, parse_event_id
@@ -82,6 +83,11 @@ def stream_name(stream_id: str) -> tuple[bytes, bytes | None]:
     return b"\xff" + hashlib.sha256(encoded).digest(), encoded
 
 
+def short_key(session_key: str) -> str:
+    """The first characters of a session key, for logs: enough to find the session, not to take it over."""
+    return session_key[:8] + "..." if len(session_key) > 8 else session_key
+
+
 def valid_session_key(key: object) -> bool:
     """True for a key a session can have: a non-empty text without NUL or lone surrogates."""
     if not isinstance(key, str) or not key or len(key) > MAX_SESSION_KEY_LENGTH or "\x00" in key:
@@ -123,6 +129,25 @@ class EventLog:
 
         The caller holds ``stream.lock``.
         """
+        started = time.perf_counter()
+        try:
+            event_id = await self._append(session_key, stream_id, stream, data)
+        except Exception as exc:
+            metrics.appended(time.perf_counter() - started, exc)
+            # The SDK ends a session whose store raises: say which, never with the message.
+            logger.error(
+                "store_event failed for session %s, stream %s: %r",
+                short_key(session_key),
+                stream.key if stream.key is not None else repr(stream_id[:40]),
+                exc,
+            )
+            raise
+        metrics.appended(time.perf_counter() - started)
+        return event_id
+
+    async def _append(
+        self, session_key: str, stream_id: str, stream: StreamState, data: bytes | None
+    ) -> EventId:
         for _ in range(3):
             if stream.key is None:
                 name, full_name = stream_name(stream_id)
@@ -158,9 +183,11 @@ class EventLog:
         """Send the events after ``last_event_id`` of its stream; the stream id, or None for a bad cursor."""
         cursor = await self.open_cursor(session_key, last_event_id)
         if cursor is None:
+            metrics.replayed(None)
             return None
         ref = cursor.ref
         page = self._page
+        sent = 0
 
         def fetch(after: int) -> asyncio.Task[Any]:
             return asyncio.ensure_future(self._db.fetch(sql.REPLAY_PAGE, ref.stream_key, after, page))
@@ -178,9 +205,11 @@ class EventLog:
                     await send_callback(
                         EventMessage(message, format_event_id(ref.stream_key, row[0], ref.tag))
                     )
+                    sent += 1
         finally:
             if following is not None:
                 following.cancel()
+            metrics.replayed(sent)
         return cursor.stream_name
 
     def subscribe(self, session_key: str, last_event_id: EventId) -> Subscription:
@@ -188,6 +217,8 @@ class EventLog:
 
         async def open_cursor() -> tuple[LiveTail, EventRef, str, bool] | None:
             cursor = await self.open_cursor(session_key, last_event_id)
+            # Its events count as the live tail's, not as replayed ones.
+            metrics.replayed(None if cursor is None else 0)
             if cursor is None:
                 return None
             last = cursor.last_message

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from . import sql
+from . import metrics, sql
 from .database import NOT_MIGRATED, Backoff, Database, answer_lost, no_partition, not_migrated
 from .errors import SchemaNotReadyError
 from .settings import StoreSettings
@@ -190,8 +191,10 @@ class GroupCommitWriter:
         # The server process of a batch whose answer was lost: it may have committed, or may still.
         unsure: int | None = None
         repairs = 0
+        started = time.perf_counter()
         while batch:
             keys = [item.stream_key for item in batch]
+            messages = [item.data for item in batch]
             conn: PoolConnectionProxy[Any] | None = None
             try:
                 seqs = None
@@ -202,7 +205,7 @@ class GroupCommitWriter:
                     conn = self._connections.pop() if self._connections else await self._db.acquire()
                     pid = conn.get_server_pid()
                     try:
-                        rows = await conn.fetch(sql.APPEND_BATCH, keys, [item.data for item in batch])
+                        rows = await conn.fetch(sql.APPEND_BATCH, keys, messages)
                     except Exception as exc:
                         if answer_lost(exc):
                             unsure = pid
@@ -217,7 +220,14 @@ class GroupCommitWriter:
                 if repairs < 3 and no_partition(exc):
                     # Partition maintenance is late: create what the sequence needs, retry.
                     repairs += 1
-                    await self._db.fetchval(sql.ENSURE_PARTITIONS, retry=False)
+                    created = await self._db.fetchval(sql.ENSURE_PARTITIONS, retry=False)
+                    metrics.partitions_created(created or 0, "append")
+                    logger.warning(
+                        "store_event: no partition for the next events (is retention scheduled? it keeps "
+                        "partitions ahead): created %s, retrying a batch of %d",
+                        created,
+                        len(batch),
+                    )
                     continue
                 if repairs < 3 and isinstance(exc, asyncpg.ForeignKeyViolationError):
                     repairs += 1
@@ -240,7 +250,9 @@ class GroupCommitWriter:
                 if not await backoff.wait():
                     self._fail(batch, backoff.gave_up(exc, "event not stored: "), exc)
                     return
+                metrics.retrying(exc)
                 continue
+            metrics.batch_committed(messages, time.perf_counter() - started)
             for item in batch:
                 if not item.future.done():
                     item.future.set_result(seqs[item.stream_key])

@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from . import sql
+from . import metrics, sql
 from .database import Database
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ class Listener:
 
     async def _run(self) -> None:
         backoff = None
+        lost_at: float | None = None
+        loop = asyncio.get_running_loop()
         while True:
             conn: asyncpg.Connection[Any] | None = None
             try:
@@ -127,6 +129,13 @@ class Listener:
                 for handler in list(self._channels.values()):
                     handler.on_connect()
                 self._listening.set()
+                if lost_at is not None:
+                    logger.info(
+                        "listener back after %.1fs (%d attempts); live readers catch up",
+                        loop.time() - lost_at,
+                        backoff.attempts if backoff is not None else 0,
+                    )
+                    lost_at = None
                 backoff = None
                 while True:
                     try:
@@ -139,7 +148,12 @@ class Listener:
             except Exception as exc:
                 self._listening.clear()
                 self.reconnects += 1
-                logger.warning("listener lost, reconnecting: %r", exc)
+                metrics.listener_reconnecting(exc)
+                if lost_at is None:
+                    lost_at = loop.time()
+                    logger.warning("listener lost, reconnecting: %r", exc)
+                else:
+                    logger.debug("listener still down, retrying: %r", exc)
                 backoff = backoff if backoff is not None else self._db.backoff(float("inf"), cap=5.0)
                 await backoff.wait()
             finally:

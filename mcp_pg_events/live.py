@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 from mcp.server.streamable_http import EventMessage
 
-from . import sql, wakeups
+from . import metrics, sql, wakeups
 from .compat import STANDALONE_STREAM
 from .database import Database
 from .event_ids import format_event_id
@@ -300,11 +300,14 @@ class LiveTail:
         self._tasks: list[asyncio.Task[None]] = []
         self.unreadable_payloads = 0
         self.dropped_payloads = 0
+        # Kept by add and remove, so that a metric reader's thread can read it.
+        self._followers = 0
+        metrics.follow_tail(self)
 
     @property
     def subscriptions(self) -> int:
         """How many streams are followed, by subscriptions and other followers."""
-        return sum(len(subs) for subs in self._by_stream.values())
+        return self._followers
 
     def start(self) -> None:
         if self._tasks:
@@ -316,7 +319,11 @@ class LiveTail:
             self._tasks.append(loop.create_task(self._listen(self._listener)))
 
     async def _listen(self, listener: Listener) -> None:
-        await listener.listen(wakeups.CHANNEL, self._on_notification, self.mark_all)
+        await listener.listen(wakeups.CHANNEL, self._on_notification, self._on_connect)
+
+    def _on_connect(self) -> None:
+        metrics.caught_up("listener_connect")
+        self.mark_all()
 
     async def close(self) -> None:
         if self._catch_up_all_timer is not None:
@@ -337,13 +344,17 @@ class LiveTail:
         """Follow ``follower``'s stream after its cursor, from now on (a catch-up first)."""
         self.start()
         follower._tail = self
-        self._by_stream.setdefault(follower.stream_key, set()).add(follower)
+        subs = self._by_stream.setdefault(follower.stream_key, set())
+        if follower not in subs:
+            subs.add(follower)
+            self._followers += 1
         self.mark(follower)
 
     def remove(self, follower: Follower) -> None:
         subs = self._by_stream.get(follower.stream_key)
-        if subs is not None:
-            subs.discard(follower)
+        if subs is not None and follower in subs:
+            subs.remove(follower)
+            self._followers -= 1
             if not subs:
                 del self._by_stream[follower.stream_key]
         self._due.pop(follower, None)
@@ -386,6 +397,8 @@ class LiveTail:
         payloads, self._payloads = self._payloads, set()
         every_stream, self._overflow = self._overflow, False
         unreadable = self.unreadable_payloads
+        if payloads:
+            metrics.woken(len(payloads))
         for payload in payloads:
             try:
                 keys = wakeups.decode(payload)
@@ -466,6 +479,7 @@ class LiveTail:
             for sub in batch:
                 sub._fail(exc)
             return
+        metrics.fetched(len(rows))
         by_index: dict[int, list[asyncpg.Record]] = {}
         for row in rows:
             by_index.setdefault(row[0], []).append(row)
@@ -490,4 +504,5 @@ class LiveTail:
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(self._poll_interval)
+            metrics.caught_up("poll")
             self.mark_all()

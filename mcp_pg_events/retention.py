@@ -14,6 +14,7 @@ gone gives ``None`` (expired), never a partial replay.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from . import sql
+from . import metrics, sql
 from .database import Database, check_schema, connect_one
 from .dsn import resolve_dsn
 from .settings import RetentionSettings
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from .settings import RetentionOptions
 
     _Conn: TypeAlias = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+
+logger = logging.getLogger(__name__)
 
 
 def format_bytes(n: int) -> str:
@@ -81,6 +84,15 @@ class RetentionReport:
     rolled_over_to: int | None
     seconds: float
 
+    @property
+    def outcome(self) -> str:
+        """``locked_out``, ``dry_run``, ``complete`` or ``incomplete`` (a lock not granted in time)."""
+        if self.locked_out:
+            return "locked_out"
+        if self.dry_run:
+            return "dry_run"
+        return "complete" if self.complete else "incomplete"
+
     def summary(self) -> str:
         """One line for a log."""
         if self.locked_out:
@@ -92,21 +104,23 @@ class RetentionReport:
         )
         line = (
             f"{'dry run' if self.dry_run else 'retention'} in {self.seconds:.1f}s: "
-            f"{_n(self.partitions_dropped, 'partition')} {done[0]}, "
-            f"{_n(self.rows_deleted, 'row')} {done[1]}, "
-            f"{_n(self.streams_removed, 'stream')} and {_n(self.sessions_removed, 'session')} {done[2]}, "
+            f"{counted(self.partitions_dropped, 'partition')} {done[0]}, "
+            f"{counted(self.rows_deleted, 'row')} {done[1]}, "
+            f"{counted(self.streams_removed, 'stream')} and "
+            f"{counted(self.sessions_removed, 'session')} {done[2]}, "
             f"{done[3]} {format_bytes(self.bytes_freed)}"
         )
         if self.rolled_over_to is not None:
             line += f"; {'would roll' if self.dry_run else 'rolled'} over to seq {self.rolled_over_to}"
         if self.partitions_created:
-            line += f"; {_n(self.partitions_created, 'partition')} created ahead"
+            line += f"; {counted(self.partitions_created, 'partition')} created ahead"
         if not self.complete:
             line += "; a lock was not granted in time, the rest is left for the next run"
         return line
 
 
-def _n(count: int, noun: str) -> str:
+def counted(count: int, noun: str) -> str:
+    """``1 stream``, ``2,000 rows``."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
@@ -156,6 +170,23 @@ async def run_retention(
             progress(str(message.message))
 
     started = time.monotonic()
+    try:
+        report = await _run(target, settings, dry_run, forward, started)
+    except Exception:
+        metrics.retention_failed(time.monotonic() - started)
+        raise
+    metrics.retention_ran(report)
+    logger.info("%s", report.summary())
+    return report
+
+
+async def _run(
+    target: Database | asyncpg.Pool[Any] | str | None,
+    settings: RetentionSettings,
+    dry_run: bool,
+    forward: Callable[[object, asyncpg.PostgresLogMessage], None],
+    started: float,
+) -> RetentionReport:
     async with _connection(target) as conn:
         # Retention on an older schema would find no procedure, on a newer one
         # might do the wrong thing.

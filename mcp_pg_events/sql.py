@@ -167,3 +167,158 @@ CALL mcp_events_retention(
     partitions_ahead => $5, lock_timeout => $6, dry_run => $7
 )
 """
+
+# --- the operator's commands (`status`, `sessions`, `tail`) ---------------------------------
+# They run as the tables' owner or the runtime role, and read what grants.sql gives
+# the runtime role, or catalogs that every role may read.
+
+# The server, as status shows it.
+SERVER = "SELECT current_setting('server_version') AS version, current_database() AS db, current_user AS role"
+
+# A bound on each statement of an operator's command (a probe must not hang behind a lock).
+# $1 e.g. '10s'
+STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', $1, false)"
+
+# The attached partitions of the events table, oldest first, with their size on disk
+# and the planner's row estimate (-1: never analyzed). The bounds are parsed as in
+# mcp_events_partitions(), which the runtime role may not execute.
+PARTITION_SIZES = r"""
+SELECT c.relname AS name, b[1]::bigint AS lower, b[2]::bigint AS upper,
+    pg_total_relation_size(c.oid) AS bytes, c.reltuples::bigint AS rows
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+CROSS JOIN LATERAL regexp_match(
+    pg_get_expr(c.relpartbound, c.oid), 'FROM \(''?(-?\d+)''?\) TO \(''?(-?\d+)''?\)'
+) AS b
+WHERE i.inhparent = 'mcp_events_events'::regclass
+ORDER BY 2
+"""
+
+# The seq the next append takes (as mcp_events_next_seq()). Needs SELECT on the
+# sequence: the owner's and the retention role's.
+NEXT_SEQ = "SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END FROM mcp_events_seq"
+
+# The same from USAGE alone (the runtime role's): NULL until the sequence's first
+# use after its creation or a roll-over.
+NEXT_SEQ_FROM_USAGE = "SELECT pg_sequence_last_value('mcp_events_seq') + 1"
+
+# How old events older than $1 are, if there are any: the oldest of the first
+# thousand found, partitions oldest first (retention removes a prefix of the
+# sequence, so that is about the oldest of all, and a database that retention
+# neglects is not read whole). The BRIN index on (seq, created_at) skips every
+# page range without one: a database within its bounds answers without reading
+# the table.
+# $1 interval
+OLDEST_AGE_BEYOND = """
+SELECT now() - min(created_at) FROM (
+    SELECT created_at FROM mcp_events_events WHERE created_at < now() - $1::interval LIMIT 1000
+) AS old
+"""
+
+# Sessions and streams: not ended, and those with an event in the last $1 (the
+# BRIN index again: only the newest page ranges are read); ended ones waiting for
+# retention, and how long ago the first of them ended. Reads no session key.
+# $1 interval
+SESSION_COUNTS = """
+SELECT
+    (SELECT count(*) FROM mcp_events_sessions WHERE ended_at IS NULL) AS open_sessions,
+    (SELECT count(*) FROM mcp_events_streams st
+     JOIN mcp_events_sessions se ON se.id = st.session_id WHERE se.ended_at IS NULL) AS open_streams,
+    (SELECT count(DISTINCT st.session_id) FROM mcp_events_events e
+     JOIN mcp_events_streams st ON st.id = e.stream_key
+     WHERE e.created_at >= now() - $1::interval) AS active_sessions,
+    (SELECT count(DISTINCT e.stream_key) FROM mcp_events_events e
+     WHERE e.created_at >= now() - $1::interval) AS active_streams,
+    (SELECT count(*) FROM mcp_events_sessions WHERE ended_at IS NOT NULL) AS ended_sessions,
+    (SELECT now() - min(ended_at) FROM mcp_events_sessions WHERE ended_at IS NOT NULL) AS oldest_end_age
+"""
+
+# The LISTEN connections of stores on this database (one per store process), and
+# how many of them this role may see the state of (its own, or all with
+# pg_read_all_stats); the cluster-wide notification queue's fill, 0 to 1.
+# $1 the listener's application_name
+LISTENERS = """
+SELECT count(*) AS listeners,
+    count(state) AS visible,
+    count(*) FILTER (WHERE state = 'idle in transaction') AS stuck,
+    pg_notification_queue_usage() AS queue_usage
+FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = $1
+"""
+
+# The newest sessions ($2 at most; $1: ended ones too) with their streams, events,
+# message bytes and newest event. `registry` holds the session row's other columns
+# (those a newer schema adds), but never the key, nor the handshake it may keep.
+# The sessions are chosen first, so that only theirs are counted.
+# $1 include ended sessions, $2 limit
+SESSIONS = """
+WITH chosen AS (
+    SELECT * FROM mcp_events_sessions
+    WHERE $1 OR ended_at IS NULL
+    ORDER BY created_at DESC, id DESC
+    LIMIT $2
+)
+SELECT se.key, se.created_at, se.ended_at,
+    to_jsonb(se) - 'id' - 'key' - 'created_at' - 'ended_at' - 'handshake' AS registry,
+    totals.streams, totals.events, totals.bytes, totals.newest_event
+FROM chosen se
+CROSS JOIN LATERAL (
+    SELECT count(*) AS streams, coalesce(sum(ev.events), 0)::bigint AS events,
+        coalesce(sum(ev.bytes), 0)::bigint AS bytes, max(ev.newest) AS newest_event
+    FROM mcp_events_streams st
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS events, sum(octet_length(e.message)) AS bytes, max(e.created_at) AS newest
+        FROM mcp_events_events e WHERE e.stream_key = st.id
+    ) ev
+    WHERE st.session_id = se.id
+) totals
+ORDER BY se.created_at DESC, se.id DESC
+"""
+
+# One session by key, as SESSIONS shows it, and its client's name and version
+# from the handshake, when the schema keeps one.
+# $1 session key
+SESSION = """
+SELECT se.key, se.created_at, se.ended_at,
+    to_jsonb(se) - 'id' - 'key' - 'created_at' - 'ended_at' - 'handshake' AS registry,
+    to_jsonb(se) #> '{handshake,clientInfo}' AS client
+FROM mcp_events_sessions se
+WHERE se.key = $1
+"""
+
+# A session's streams, oldest first, with their events, message bytes, first and
+# newest seq, and newest event.
+# $1 session key
+SESSION_STREAMS = """
+SELECT st.id, st.name, st.tag, st.created_at, ev.events, coalesce(ev.bytes, 0)::bigint AS bytes,
+    ev.first_seq, ev.last_seq, ev.newest
+FROM mcp_events_streams st
+JOIN mcp_events_sessions se ON se.id = st.session_id
+CROSS JOIN LATERAL (
+    SELECT count(*) AS events, sum(octet_length(e.message)) AS bytes, min(e.seq) AS first_seq,
+        max(e.seq) AS last_seq, max(e.created_at) AS newest
+    FROM mcp_events_events e WHERE e.stream_key = st.id
+) ev
+WHERE se.key = $1
+ORDER BY st.id
+"""
+
+# Whether the session exists and has ended, and its streams newer than stream key
+# $2 with their key, tag, name and newest seq: how `tail` finds the streams to
+# follow, at its start and then periodically. One row with NULL stream columns when
+# there is no newer stream; none when there is no such session.
+# $1 session key, $2 stream key
+NEW_STREAMS = """
+SELECT se.ended_at, st.id, st.tag, st.name,
+    (SELECT max(e.seq) FROM mcp_events_events e WHERE e.stream_key = st.id) AS last_seq
+FROM mcp_events_sessions se
+LEFT JOIN mcp_events_streams st ON st.session_id = se.id AND st.id > $2
+WHERE se.key = $1
+ORDER BY st.id
+"""
+
+# When these events of a stream were stored, for `tail`'s lines.
+# $1 stream key, $2 seqs
+EVENT_TIMES = """
+SELECT seq, created_at FROM mcp_events_events WHERE stream_key = $1 AND seq = ANY($2::bigint[])
+"""

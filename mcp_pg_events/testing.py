@@ -94,9 +94,15 @@ class SSE:
 async def _sse_lines(response: httpx.Response) -> AsyncIterator[str]:
     # SSE ends lines at CR, LF or CRLF only; httpx's aiter_lines also splits at
     # U+2028, NEL and the like, which JSON strings may hold unescaped.
+    # Between chunks, ``pending`` holds no line break but perhaps a last CR: unless
+    # that CR or the new text ends a line, there is nothing to split. (Splitting all
+    # of it at every chunk is quadratic: a 10 MB event comes in hundreds of chunks.)
     pending = ""
     async for text in response.aiter_text():
+        held_cr = pending.endswith("\r")
         pending += text
+        if not held_cr and "\n" not in text and "\r" not in text:
+            continue
         # A CR at the end may be the first half of a CRLF split between chunks.
         cut = len(pending) - 1 if pending.endswith("\r") else len(pending)
         *lines, rest = _LINE_BREAK.split(pending[:cut])
