@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 # The revision `mcp-pg-events migrate` brings a database to: this code's head. A
 # test checks it is the migrations' head.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0007"
 # The oldest revision this code runs on.
 OLDEST_SCHEMA = "0003"
 EVENTS = "mcp_events_events"
