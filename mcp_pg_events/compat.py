@@ -16,7 +16,7 @@ from mcp.server.streamable_http import GET_STREAM_KEY, MCP_SESSION_ID_HEADER, Ev
 try:  # mcp 2.x: plain message types in mcp_types, one TypeAdapter for the union
     from mcp.server.mcpserver import Context  # type: ignore[import-not-found, unused-ignore]
     from mcp.server.mcpserver import MCPServer as Server  # type: ignore[import-not-found, unused-ignore]
-    from mcp_types import (
+    from mcp_types import (  # type: ignore[import-not-found, unused-ignore]
         JSONRPCError,  # type: ignore[import-not-found, unused-ignore]
         JSONRPCMessage,  # type: ignore[import-not-found, unused-ignore]
         JSONRPCResponse,  # type: ignore[import-not-found, unused-ignore]
