@@ -131,6 +131,12 @@ class Engine:
             return
 
         async def shut() -> None:
+            # What the engine's users left running (followers, watchers) first,
+            # then the store, which waits for the writes in flight.
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
             if opening is not None:
                 try:
                     store = await opening

@@ -354,7 +354,7 @@ class _Outbox(asyncio.Queue[Any]):
     def backlog(self) -> int:
         return self._pushed - self._taken
 
-    def full(self) -> bool:
+    def over_limit(self) -> bool:
         return self.backlog() >= self.limit
 
     def push(self, items: list[Any]) -> bool:
@@ -636,7 +636,7 @@ class _SessionQueue(_Outbox):
             self._stop()
             return
         follower = stream.follower
-        if follower is not None and self.full():
+        if follower is not None and self.over_limit():
             follower.pause()
             self.wait_for_room(follower.resume)
 
@@ -667,9 +667,10 @@ class PostgresSSEBroker:
     this worker's GET streams, as the framework's cap wants.
 
     A GET stream without ``Last-Event-ID`` starts with the events pushed from the
-    moment it was opened. Its queue holds ``sse_queue_size`` events at most: a
-    client that stops reading pauses the stream's reader in the database, and
-    nothing is dropped.
+    moment it was opened (give or take the round trip of one query before it:
+    an event pushed then went to no open stream, and is no duplicate). Its queue
+    holds ``sse_queue_size`` events at most: a client that stops reading pauses
+    the stream's reader in the database, and nothing is dropped.
     """
 
     def __init__(
@@ -858,7 +859,7 @@ class _TopicRouter:
                         if isinstance(item, dict) and item.get("topic") in subscription.topics
                     ]
                     if payloads:
-                        while queue.full() and not queue.closed:
+                        while queue.over_limit() and not queue.closed:
                             room = asyncio.Event()
                             queue.wait_for_room(room.set)
                             await room.wait()
@@ -1072,8 +1073,7 @@ def decode_task(data: bytes) -> Any:
 
     try:
         raw = json.loads(data)
-        missing = _REQUIRED - raw.keys()
-        if missing:
+        if not isinstance(raw, dict) or _REQUIRED - raw.keys():
             return None
         task = Task(status=TaskStatus(raw["status"]), **{name: raw.get(wire) for wire, name in _TASK_FIELDS})
         fields = {name: raw.get(wire) for wire, name in _RECORD_FIELDS}
