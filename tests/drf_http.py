@@ -39,7 +39,8 @@ _ids = itertools.count(1)
 def project_env(dsn: str, **extra: str) -> dict[str, str]:
     """The environment of a project process: the test's database, nothing of the caller's MCP_PG_EVENTS_*."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MCP_PG_EVENTS_", "DATABASE_URL"))}
-    env.update({DSN_ENV: dsn, "DJANGO_SETTINGS_MODULE": SETTINGS, "PYTHONUNBUFFERED": "1"}, **extra)
+    env.update({DSN_ENV: dsn, "DJANGO_SETTINGS_MODULE": SETTINGS, "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
     return env
 
 
@@ -47,10 +48,17 @@ class Worker:
     """A server process; ``url`` once it listens. Its output is kept in ``log`` (read, so it never blocks)."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str], ready: re.Pattern[str], cwd: Path = ROOT
+        self,
+        args: list[str],
+        env: dict[str, str],
+        ready: re.Pattern[str],
+        cwd: Path = ROOT,
+        processes: int = 1,
     ) -> None:
         self.log: list[str] = []
         self._ready = ready
+        # uvicorn --workers says where it listens before its workers have started.
+        self._starting = processes if processes > 1 else 0
         self._listening = threading.Event()
         self.url = ""
         self.process = subprocess.Popen(
@@ -64,8 +72,11 @@ class Worker:
         for line in self.process.stdout:
             self.log.append(line)
             match = self._ready.search(line)
-            if match and not self._listening.is_set():
+            if match:
                 self.url = f"http://127.0.0.1:{match[1]}"
+            elif "Application startup complete" in line:
+                self._starting -= 1
+            if self.url and self._starting <= 0:
                 self._listening.set()
         self._listening.set()  # exited: wait() says so
 
@@ -98,11 +109,9 @@ def uvicorn_worker(
     """``uvicorn app`` on a free port (started; ``wait()`` for it to listen)."""
     args = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", "0", "--no-access-log"]
     if workers > 1:
-        # With several workers uvicorn binds before it forks, and says where.
         args += ["--workers", str(workers)]
-    return Worker(
-        args, project_env(dsn, **env), re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)"), cwd
-    )
+    ready = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+    return Worker(args, project_env(dsn, **env), ready, cwd, processes=workers)
 
 
 _WSGI = """
@@ -138,11 +147,11 @@ def running(*workers: Worker) -> Iterator[tuple[Worker, ...]]:
             worker.stop()
 
 
-async def django_command(dsn: str, *args: str, cwd: Path = ROOT, settings: str = SETTINGS) -> str:
-    """``django-admin`` of the test project; its output. Fails the test with the output if it fails."""
+async def django_command(dsn: str, *args: str, cwd: Path = ROOT, settings: str = SETTINGS, **env: str) -> str:
+    """``django-admin`` of a project (the test project unless told); its output. Fails if it fails."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "django", *args, "--settings", settings,
-        cwd=cwd, env=project_env(dsn, DJANGO_SETTINGS_MODULE=settings),
+        cwd=cwd, env=project_env(dsn, DJANGO_SETTINGS_MODULE=settings, **env),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     out, _ = await asyncio.wait_for(process.communicate(), START_TIMEOUT)
@@ -212,6 +221,7 @@ class LegacyClient:
     async def call(self, worker: Worker, tool: str, path: str = "/mcp/", **arguments: Any) -> Any:
         response = await self.post(worker, "tools/call", {"name": tool, "arguments": arguments}, path=path)
         assert response.status_code == 200, response.text
+        assert "result" in response.json(), response.json()
         result = response.json()["result"]
         assert not result.get("isError"), result
         return result["structuredContent"]
@@ -285,6 +295,7 @@ class ModernClient:
 
     async def call(self, worker: Worker, tool: str, tasks: bool = False, **arguments: Any) -> dict[str, Any]:
         answer = await self.request(worker, "tools/call", {"name": tool, "arguments": arguments}, tool, tasks)
+        assert "result" in answer, answer
         result: dict[str, Any] = answer["result"]
         return result
 

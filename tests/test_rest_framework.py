@@ -12,6 +12,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import httpx
@@ -364,3 +365,52 @@ def test_the_last_django_migration_reaches_the_codes_schema_revision() -> None:
     folder = ROOT / "mcp_pg_events" / "django" / "migrations"
     last = sorted(p for p in folder.glob("0*.py"))[-1]
     assert f'apply_schema("{SCHEMA_REVISION}"' in last.read_text()
+
+
+EXAMPLE = ROOT / "examples" / "django"
+
+
+def libpq_env(dsn: str) -> dict[str, str]:
+    """The example reads its database from the libpq variables, as its README says."""
+    parts = urlsplit(dsn)
+    return {
+        "PGDATABASE": parts.path.lstrip("/"),
+        "PGHOST": parts.hostname or "",
+        "PGPORT": str(parts.port or 5432),
+        "PGUSER": unquote(parts.username or ""),
+        "PGPASSWORD": unquote(parts.password or ""),
+    }
+
+
+async def test_the_example_migrates_and_serves_on_two_uvicorn_workers(
+    empty_dsn: str, http: httpx.AsyncClient
+) -> None:
+    env = libpq_env(empty_dsn)
+    settings = "notes_project.settings"
+    out = await django_command(empty_dsn, "migrate", cwd=EXAMPLE, settings=settings, **env)
+    assert "Applying mcp_pg_events.0001_event_log... OK" in out and "Applying notes.0001_initial... OK" in out
+    server = uvicorn_worker(
+        empty_dsn, app="notes_project.asgi:application", workers=2, cwd=EXAMPLE,
+        DJANGO_SETTINGS_MODULE=settings, **env,
+    )  # fmt: skip
+    with running(server) as (worker,):
+        client = LegacyClient(http, principal=None)
+        await client.initialize(worker)
+        # Requests reach either worker (the kernel picks): all the same.
+        async with client.get(worker) as stream:
+            for i in range(4):
+                assert (await client.call(worker, "remind", text=f"r{i}"))["delivered"] is True
+            assert texts(await stream.take(4)) == [f"r{i}" for i in range(4)]
+        modern = ModernClient(http)
+        async with modern.listen(worker, {"resourceSubscriptions": ["notes://todo"]}) as stream:
+            await modern.call(worker, "write_note", key="todo", text="write the report")
+            assert (await stream.next()).message["params"]["uri"] == "notes://todo"  # type: ignore[index]
+        task = (await modern.call(worker, "count_words", tasks=True, key="todo"))["taskId"]
+        # Subscribed (acknowledged) before the read: a task not finished yet will say so.
+        async with modern.listen(worker, {"taskIds": [task]}) as stream:
+            got = (await modern.task(worker, "tasks/get", task))["result"]
+            if got["status"] != "completed":
+                got = (await stream.next()).message["params"]  # type: ignore[index]
+        assert got["status"] == "completed"
+        assert got["result"]["structuredContent"] == {"key": "todo", "words": 3}
+    assert sum("Application startup complete" in line for line in worker.log) == 2
