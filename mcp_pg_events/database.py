@@ -10,7 +10,9 @@ One policy for every call:
 - anything else (a bad value, a bug) passes through unchanged, at once.
 
 The SDK ends a session whose store raises, so an outage must be ridden out here
-rather than surface at the first failure. Which errors are which is decided in
+rather than surface at the first failure. ``DjangoConnection`` runs the same
+statements under the same policy on Django's connection, for synchronous callers
+in a Django process (``rest_framework.py``). Which errors are which is decided in
 this module only (``is_transient``, ``answer_lost``, ``not_migrated``,
 ``no_partition``), on asyncpg's exception types and the connection's state, never
 on message text, which the server translates.
