@@ -45,6 +45,7 @@ import collections
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import threading
@@ -169,11 +170,12 @@ class PostgresEvents:
             StoreSettings.from_env(**{k.lower(): v for k, v in given.items() if k in store}),
         )
 
+    def _explicit_dsn(self) -> str | None:
+        return self.settings.dsn or os.environ.get(DSN_ENV) or None
+
     def dsn(self) -> str:
         """The event store's DSN: ``dsn``, else ``$MCP_PG_EVENTS_DSN``, else ``DATABASES[database]``."""
-        import os
-
-        explicit = self.settings.dsn or os.environ.get(DSN_ENV)
+        explicit = self._explicit_dsn()
         if explicit:
             return explicit
         try:
@@ -198,11 +200,14 @@ class PostgresEvents:
     # --- synchronous statements ------------------------------------------------------------
 
     def _on_django(self) -> bool:
-        if under_asgi_request():
+        # With a DSN of its own the event store may be another database than
+        # Django's: then every statement goes where the events are.
+        if self._explicit_dsn() or under_asgi_request():
             return False
         from django.db import connections
 
-        return not connections[self.settings.database].in_atomic_block
+        connection = connections[self.settings.database]
+        return connection.vendor == "postgresql" and not connection.in_atomic_block
 
     def fetchval(self, query: str, *args: Any) -> Any:
         """One value, from a synchronous caller (see the module's docstring for which connection)."""

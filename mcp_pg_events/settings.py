@@ -292,7 +292,8 @@ class RestFrameworkSettings(_FromEnv):
     view, a worker, a command; not an ASGI request, whose connection Django keeps until the
     response ends, and not inside a transaction, which would hold back the write)."""
     dsn: str | None = None
-    """A ``postgresql://`` DSN for the event store instead of ``DATABASES[database]``."""
+    """A ``postgresql://`` DSN for the event store instead of ``DATABASES[database]``; the
+    synchronous stores then use the event store's pool too (Django's may be another database)."""
     sse_queue_size: int = 1024
     """Events an open GET stream holds in memory at most; past it the stream's reader in the
     database pauses until the client catches up (nothing is dropped: the events wait in the
