@@ -16,6 +16,7 @@ import re
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -96,15 +97,21 @@ def make_events(dsn: str, **options: Any) -> PostgresEvents:
     )
 
 
-@pytest.fixture
-async def events(dsn: str) -> AsyncIterator[PostgresEvents]:
-    """The collaborators' database: the engine on the test's database, and Django's default alias too."""
+@asynccontextmanager
+async def own_events(dsn: str, **options: Any) -> AsyncIterator[PostgresEvents]:
+    """The collaborators' database with ``options``: the engine on the test's database, Django's alias too."""
     use_django_database(dsn)
-    made = make_events(dsn)
+    made = make_events(dsn, **options)
     try:
         yield made
     finally:
         await asyncio.to_thread(made.engine.close)
+
+
+@pytest.fixture
+async def events(dsn: str) -> AsyncIterator[PostgresEvents]:
+    async with own_events(dsn) as made:
+        yield made
 
 
 async def within(awaitable: Any, seconds: float = 30) -> Any:
@@ -294,9 +301,7 @@ async def test_an_event_recorded_between_subscribe_and_replay_comes_once(events:
 
 
 async def test_a_get_stream_that_is_not_read_pauses_and_loses_nothing(dsn: str) -> None:
-    use_django_database(dsn)
-    events = make_events(dsn, sse_queue_size=4)
-    try:
+    async with own_events(dsn, sse_queue_size=4) as events:
         buffer = PostgresSSEReplayBuffer(events=events)
         broker = PostgresSSEBroker(replay_buffer=buffer, events=events)
         queue = broker.subscribe("s")
@@ -317,8 +322,6 @@ async def test_a_get_stream_that_is_not_read_pauses_and_loses_nothing(dsn: str) 
         broker.unsubscribe("s", queue)
         broker.unsubscribe("witness", witness)
         assert not broker.has_subscriber("s") and broker.active_streams == 0
-    finally:
-        await asyncio.to_thread(events.engine.close)
 
 
 async def test_a_broker_without_a_buffer_writes_what_it_publishes_and_delivers_it_as_it_is(
@@ -334,9 +337,7 @@ async def test_a_broker_without_a_buffer_writes_what_it_publishes_and_delivers_i
 
 
 async def test_replay_without_its_broker_pages_from_the_cursor_and_ignores_other_ids(dsn: str) -> None:
-    use_django_database(dsn)
-    events = make_events(dsn, replay_batch_size=3)
-    try:
+    async with own_events(dsn, replay_batch_size=3) as events:
         buffer = PostgresSSEReplayBuffer(events=events)
         ids = [await buffer.record("s", {"n": i}) for i in range(8)]
         other = await buffer.record("other", {"n": "theirs"})
@@ -349,8 +350,6 @@ async def test_replay_without_its_broker_pages_from_the_cursor_and_ignores_other
         for hostile in (None, "garbage", other, "0-0-000000000000", "1" * 60, ids[0][:-1] + "x"):
             assert await replay("s", hostile) == []
         assert await replay("other", ids[0]) == []
-    finally:
-        await asyncio.to_thread(events.engine.close)
 
 
 async def test_replay_from_an_expired_cursor_gives_the_gap_notice_then_what_is_left(
@@ -365,11 +364,9 @@ async def test_replay_from_an_expired_cursor_gives_the_gap_notice_then_what_is_l
         (ids[2], {"n": 2}),
         (ids[3], {"n": 3}),
     ]
-    quiet = PostgresSSEReplayBuffer(events=make_events(events.settings.dsn or "", replay_gap_notice=False))
-    try:
+    async with own_events(events.settings.dsn or "", replay_gap_notice=False) as quiet_events:
+        quiet = PostgresSSEReplayBuffer(events=quiet_events)
         assert [pair async for pair in quiet.replay("s", ids[0])] == [(ids[2], {"n": 2}), (ids[3], {"n": 3})]
-    finally:
-        await asyncio.to_thread(quiet._events.engine.close)
 
 
 async def test_forget_ends_the_session_and_ids_that_are_no_session_id_are_refused(
@@ -439,9 +436,7 @@ async def test_a_subscription_gets_its_topics_only_and_counts_are_this_process(
 
 
 async def test_a_lagging_subscription_catches_up_from_the_table_and_stalls_nobody(dsn: str) -> None:
-    use_django_database(dsn)
-    events = make_events(dsn, subscription_queue_size=3, replay_batch_size=4)
-    try:
+    async with own_events(dsn, subscription_queue_size=3, replay_batch_size=4) as events:
         broker = PostgresSubscriptionBroker(namespace="lag", events=events)
         slow = await broker.subscribe(frozenset({"t", "u"}))
         fast = await broker.subscribe(frozenset({"t"}))
@@ -460,17 +455,12 @@ async def test_a_lagging_subscription_catches_up_from_the_table_and_stalls_nobod
         assert [await asyncio.wait_for(slow.get(), 30) for _ in range(6)] == [{"n": i} for i in range(40, 46)]
         broker.unsubscribe(slow)
         broker.unsubscribe(fast)
-    finally:
-        await asyncio.to_thread(events.engine.close)
 
 
 async def test_the_topic_stream_is_followed_again_after_retention_removed_it(
     dsn: str, admin: asyncpg.Connection
 ) -> None:
-    use_django_database(dsn)
-    use_django_database(dsn)
-    events = make_events(dsn, poll_interval=0.2)
-    try:
+    async with own_events(dsn, poll_interval=0.2) as events:
         broker = PostgresSubscriptionBroker(namespace="watch", events=events)
         queue = await broker.subscribe(frozenset({"t"}))
         await broker.publish("t", {"n": 1})
@@ -485,8 +475,6 @@ async def test_the_topic_stream_is_followed_again_after_retention_removed_it(
         await broker.publish("t", {"n": 2})  # into a new stream
         assert await asyncio.wait_for(queue.get(), 30) == {"n": 2}
         broker.unsubscribe(queue)
-    finally:
-        await asyncio.to_thread(events.engine.close)
 
 
 # --- the session store -----------------------------------------------------------------------
@@ -547,12 +535,9 @@ async def test_sync_stores_use_djangos_connection_in_a_plain_thread_and_the_pool
 ) -> None:
     from django.db import connections, transaction
 
-    use_django_database(dsn)
-    events = make_events(dsn)
-    events.settings = dataclasses.replace(
-        events.settings, dsn=None
-    )  # the DSN from DATABASES, as in a project
-    try:
+    async with own_events(dsn) as events:
+        # The DSN from DATABASES, as in a project.
+        events.settings = dataclasses.replace(events.settings, dsn=None)
         store = PostgresSessionStore(events=events)
 
         def plain() -> tuple[str, bool, bool]:
@@ -583,8 +568,6 @@ async def test_sync_stores_use_djangos_connection_in_a_plain_thread_and_the_pool
             await admin.fetchval("SELECT principal FROM mcp_events_sessions WHERE key = $1", inside)
             == "user:8"
         )
-    finally:
-        await asyncio.to_thread(events.engine.close)
 
 
 async def _principal(dsn: str, key: str) -> Any:
