@@ -88,6 +88,10 @@ _SESSION_ID = re.compile(r"\A[\x21-\x7e]{1,512}\Z")
 # Wrapped event ids the buffer minted lately, by which the paired broker knows a
 # publish that is already in the table.
 _MINTED_MEMORY = 4096
+# Sessions whose last ownership check (its time by the database's clock) is kept,
+# and for how long it serves as the start of a GET stream the check let in.
+_SEEN_MEMORY = 4096
+_SEEN_FOR = 60.0
 _TERMINAL = ("completed", "failed", "cancelled")
 
 # ASSUMES: notify_wrapper. With a replay buffer, MCPServer.notify records the
@@ -145,6 +149,7 @@ class PostgresEvents:
         )
         self._minted: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._minted_lock = threading.Lock()
+        self._seen_live: collections.OrderedDict[str, tuple[Any, float]] = collections.OrderedDict()
         self._watched: set[_FollowedStream] = set()
         self._watcher: asyncio.Task[None] | None = None
 
@@ -214,6 +219,41 @@ class PostgresEvents:
         if self._on_django():
             return self._django.fetchval(query, *args)
         return self.engine.run(lambda store: store.database.fetchval(query, *args))
+
+    def fetchrow_timed(self, query: str, *args: Any) -> tuple[Any, float]:
+        """One row (or None), and ``time.monotonic()`` as soon as it arrived; from a synchronous caller."""
+        if self._on_django():
+            row = self._django.fetchrow(query, *args)
+            return row, time.monotonic()
+
+        async def timed(store: PostgresEventStore) -> tuple[Any, float]:
+            row = await store.database.fetchrow(query, *args)
+            return row, time.monotonic()
+
+        return self.engine.run(timed)
+
+    # --- when a session was last seen live, by the database's clock -----------------------
+
+    def _saw_live(self, session_id: str, db_now: Any, arrived: float) -> None:
+        with self._minted_lock:
+            self._seen_live[session_id] = (db_now, arrived)
+            self._seen_live.move_to_end(session_id)
+            if len(self._seen_live) > _SEEN_MEMORY:
+                self._seen_live.popitem(last=False)
+
+    def _live_at(self, session_id: str, moment: float) -> Any:
+        """The database's clock no later than local ``moment``, from the session's last ownership check.
+
+        The check's ``now()`` is when its statement started; mapping the local
+        time since its answer arrived onto it gives a moment that is, at most by
+        one query's execution and half a round trip, earlier than ``moment``.
+        None without a recent check in this process.
+        """
+        with self._minted_lock:
+            seen = self._seen_live.get(session_id)
+        if seen is None or not 0 <= moment - seen[1] <= _SEEN_FOR:
+            return None
+        return seen[0] + timedelta(seconds=moment - seen[1])
 
     def execute(self, query: str, *args: Any) -> int:
         """Run a statement from a synchronous caller; the number of rows it touched."""
@@ -581,17 +621,23 @@ class _SessionQueue(_Outbox):
     async def _find_head(self, store: PostgresEventStore, subscribed: float) -> StreamHead:
         # "From now" is the moment of subscribe(): the transport tells the client
         # the stream is open right after it, and the client may then cause an
-        # event at once. The database's clock at the query, less the time since
-        # subscribe() measured after the answer came back, is a moment no later
-        # than that: events created from then on are delivered. Too early by the
-        # query's round trip at most, which only an event pushed while no stream
-        # was open can fall into.
+        # event at once. That moment by the database's clock (created_at), or a
+        # little earlier, is where the stream starts: events created from then on
+        # are delivered. Two bounds, the later one wins: the database's clock at
+        # this query less the time since subscribe() measured once its answer is
+        # back (early by all of this query's wait); and the session's ownership
+        # check, which the GET passed just before it subscribed (early by that
+        # check's execution and half a round trip). Only an event pushed while no
+        # stream was open can fall between.
         row = await store.database.fetchrow(
             sql.STREAM_NEWEST, self._session_id, encode_stream_id(SSE_STREAM), new_tag()
         )
         assert row is not None
         key, tag, now, newest, created_at = row
         opened = now - timedelta(seconds=time.monotonic() - subscribed)
+        checked = self._events._live_at(self._session_id, subscribed)
+        if checked is not None and checked > opened:
+            opened = checked
         if newest is not None and created_at >= opened:
             newest = await store.database.fetchval(sql.STREAM_SEQ_BEFORE, key, opened)
         return StreamHead(key, tag, newest or 0)
@@ -1015,10 +1061,15 @@ class PostgresSessionStore:
     def owner(self, session_id: str) -> str | None:
         if not self._ours(session_id):
             return None
-        principal: str | None = self._events.fetchval(
+        row, arrived = self._events.fetchrow_timed(
             sql.SESSION_OWNER, session_id, self._idle, self._max_age, self._touch
         )
-        return principal
+        if row is None:
+            return None
+        principal, db_now = row
+        # A GET stream of this session may start here (see _SessionQueue._find_head).
+        self._events._saw_live(session_id, db_now, arrived)
+        return str(principal)
 
     def destroy(self, session_id: str) -> None:
         if self._ours(session_id):

@@ -215,10 +215,11 @@ WHERE st.id = $1 AND st.tag = $3 AND se.key = $4 AND st.name = $5
 # $1 session key, $2 principal
 SESSION_CREATE = "INSERT INTO mcp_events_sessions (key, principal, last_active_at) VALUES ($1, $2, now())"
 
-# A live session's principal, with its activity recorded. Live: bound to a
-# principal, not ended, active within the idle window and younger than the maximum
-# age (NULL: none). Activity is written only when the last write is older than $4
-# seconds: at most one row update per session per interval, however many requests.
+# A live session's principal, with its activity recorded, and the database's clock
+# (the GET stream that follows starts there). Live: bound to a principal, not ended,
+# active within the idle window and younger than the maximum age (NULL: none).
+# Activity is written only when the last write is older than $4 seconds: at most
+# one row update per session per interval, however many requests.
 # $1 session key, $2 idle seconds, $3 maximum age in seconds or NULL, $4 seconds
 SESSION_OWNER = """
 WITH live AS (
@@ -232,7 +233,7 @@ WITH live AS (
     FROM live
     WHERE se.id = live.id AND live.active_at < now() - make_interval(secs => $4)
 )
-SELECT principal FROM live
+SELECT principal, now() FROM live
 """
 
 # Whether a session is live (as SESSION_OWNER), without recording activity.
