@@ -12,7 +12,6 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
-from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import httpx
@@ -25,6 +24,7 @@ from mcp_pg_events.rest_framework import REPLAY_GAP_METHOD
 from mcp_pg_events.retention import run_retention
 
 from .conftest import _admin, with_database
+from .drf.database import django_database
 from .drf_http import (
     ROOT,
     LegacyClient,
@@ -372,13 +372,13 @@ EXAMPLE = ROOT / "examples" / "django"
 
 def libpq_env(dsn: str) -> dict[str, str]:
     """The example reads its database from the libpq variables, as its README says."""
-    parts = urlsplit(dsn)
+    database = django_database(dsn)
     return {
-        "PGDATABASE": parts.path.lstrip("/"),
-        "PGHOST": parts.hostname or "",
-        "PGPORT": str(parts.port or 5432),
-        "PGUSER": unquote(parts.username or ""),
-        "PGPASSWORD": unquote(parts.password or ""),
+        "PGDATABASE": database["NAME"],
+        "PGHOST": database["HOST"],
+        "PGPORT": database["PORT"] or "5432",
+        "PGUSER": database["USER"],
+        "PGPASSWORD": database["PASSWORD"],
     }
 
 

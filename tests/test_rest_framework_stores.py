@@ -20,7 +20,6 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import pytest
@@ -40,6 +39,8 @@ from mcp_pg_events.rest_framework import (
 )
 from mcp_pg_events.retention import run_retention
 from mcp_pg_events.settings import RestFrameworkSettings, StoreSettings
+
+from .drf.database import django_database
 
 _T = TypeVar("_T")
 MODULE = Path(rest_framework.__file__).read_text()
@@ -66,14 +67,7 @@ def use_django_database(dsn: str) -> None:
     """Point Django's default alias at the test's database (as Django's test runner does)."""
     from django.conf import settings
 
-    parts = urlsplit(dsn)
-    settings.DATABASES["default"].update(
-        NAME=parts.path.lstrip("/"),
-        USER=unquote(parts.username or ""),
-        PASSWORD=unquote(parts.password or ""),
-        HOST=parts.hostname or "",
-        PORT=str(parts.port or ""),
-    )
+    settings.DATABASES["default"].update(django_database(dsn))
 
 
 async def in_thread(call: Callable[[], _T]) -> _T:

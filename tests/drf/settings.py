@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import unquote, urlsplit
 
-_dsn = urlsplit(os.environ.get("MCP_PG_EVENTS_DRF_TEST_DSN", "postgresql://localhost/unset"))
+from .database import django_database
 
 SECRET_KEY = "tests-only"
 DEBUG = False
@@ -23,11 +22,7 @@ ROOT_URLCONF = "tests.drf.urls"
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.postgresql",
-        "NAME": _dsn.path.lstrip("/"),
-        "USER": unquote(_dsn.username or ""),
-        "PASSWORD": unquote(_dsn.password or ""),
-        "HOST": _dsn.hostname or "",
-        "PORT": _dsn.port or "",
+        **django_database(os.environ.get("MCP_PG_EVENTS_DRF_TEST_DSN", "postgresql://localhost/unset")),
     }
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
