@@ -710,3 +710,63 @@ async def test_retention_removes_idle_sessions_not_old_ones_in_use(
 def test_the_engine_thread_is_named_for_operators(events: PostgresEvents) -> None:
     events.engine.loop  # noqa: B018 - starts it
     assert any(t.name == "mcp-pg-events" and t.daemon for t in threading.enumerate())
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_settings_come_from_the_mcp_pg_events_setting_then_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from django.conf import settings
+
+    from mcp_pg_events import ConfigurationError
+
+    monkeypatch.setattr(
+        settings,
+        "MCP_PG_EVENTS",
+        {"SSE_QUEUE_SIZE": 8, "MAX_POOL_SIZE": 3, "DATABASE": "events"},
+        raising=False,
+    )
+    monkeypatch.setenv("MCP_PG_EVENTS_SUBSCRIPTION_QUEUE_SIZE", "9")
+    monkeypatch.setenv("MCP_PG_EVENTS_SSE_QUEUE_SIZE", "99")  # the setting wins
+    events = PostgresEvents.from_django()
+    assert (events.settings.sse_queue_size, events.settings.subscription_queue_size) == (8, 9)
+    assert (events.settings.database, events.store_settings.max_pool_size) == ("events", 3)
+    with pytest.raises(ConfigurationError, match=r"MCP_PG_EVENTS\['DATABASE'\] is 'events', which DATABASES"):
+        events.dsn()
+    monkeypatch.setattr(settings, "MCP_PG_EVENTS", {"SSE_QUEUE": 8}, raising=False)
+    with pytest.raises(ConfigurationError, match="MCP_PG_EVENTS: unknown setting SSE_QUEUE"):
+        PostgresEvents.from_django()
+    monkeypatch.setattr(settings, "MCP_PG_EVENTS", {"SSE_QUEUE_SIZE": 0}, raising=False)
+    with pytest.raises(ConfigurationError, match="sse_queue_size must be at least 1"):
+        PostgresEvents.from_django()
+
+
+def test_the_dsn_of_a_databases_entry_carries_what_asyncpg_understands() -> None:
+    from mcp_pg_events import ConfigurationError
+    from mcp_pg_events.dsn import dsn_from_django
+
+    engine = "django.db.backends.postgresql"
+    options = {
+        "sslmode": "require",
+        "options": "-c search_path=app,public --statement_timeout=5s",
+        "pool": True,
+    }
+    entry = {
+        "ENGINE": engine, "NAME": "app db", "USER": "me@corp", "PASSWORD": "p:w/d@",
+        "HOST": "db", "PORT": 6432, "OPTIONS": options,
+    }  # fmt: skip
+    assert dsn_from_django("default", entry) == (
+        "postgresql://me%40corp:p%3Aw%2Fd%40@db:6432/app%20db"
+        "?sslmode=require&search_path=app%2Cpublic&statement_timeout=5s"
+    )
+    socket = {"ENGINE": engine, "NAME": "app", "HOST": "/var/run/postgresql", "PORT": "5433"}
+    assert dsn_from_django("default", socket) == "postgresql:///app?host=%2Fvar%2Frun%2Fpostgresql&port=5433"
+    for entry, says in (
+        ({"ENGINE": "django.db.backends.sqlite3", "NAME": "db.sqlite3"}, "is not PostgreSQL"),
+        ({"ENGINE": engine}, "has no NAME"),
+        ({"ENGINE": engine, "NAME": "x", "OPTIONS": {"options": "search_path=x"}}, "cannot read"),
+    ):
+        with pytest.raises(ConfigurationError, match=says):
+            dsn_from_django("default", entry)
