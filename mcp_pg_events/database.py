@@ -10,7 +10,9 @@ One policy for every call:
 - anything else (a bad value, a bug) passes through unchanged, at once.
 
 The SDK ends a session whose store raises, so an outage must be ridden out here
-rather than surface at the first failure. Which errors are which is decided in
+rather than surface at the first failure. ``DjangoConnection`` runs the same
+statements under the same policy on Django's connection, for synchronous callers
+in a Django process (``rest_framework.py``). Which errors are which is decided in
 this module only (``is_transient``, ``answer_lost``, ``not_migrated``,
 ``no_partition``), on asyncpg's exception types and the connection's state, never
 on message text, which the server translates.
@@ -21,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 # The revision `mcp-pg-events migrate` brings a database to: this code's head. A
 # test checks it is the migrations' head.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0007"
 # The oldest revision this code runs on.
 OLDEST_SCHEMA = "0004"
 EVENTS = "mcp_events_events"
@@ -358,3 +362,119 @@ class Database:
 
     async def check_schema(self) -> None:
         await check_schema(self)
+
+
+# --- Django's connection, for synchronous callers ----------------------------------------
+
+_PARAMETER = re.compile(r"\$(\d+)")
+# SQLSTATE classes that the same statement may get past a little later: connection
+# exception, insufficient resources, operator intervention, transaction rollback.
+_TRANSIENT_CLASSES = ("08", "53", "57", "40")
+_NOT_MIGRATED_STATES = ("42P01", "42883")  # undefined table, undefined function
+
+
+def to_format_style(query: str, args: tuple[Any, ...]) -> tuple[str, list[Any]]:
+    """``query`` with ``$n`` parameters as the ``%s`` that Django's cursor takes, and its arguments in order.
+
+    One text per statement in ``sql.py``, whichever driver runs it; a ``%`` of
+    the statement's own is doubled so the driver does not read it as a placeholder.
+    """
+    order: list[int] = []
+
+    def placeholder(match: re.Match[str]) -> str:
+        order.append(int(match[1]) - 1)
+        return "%s"
+
+    text = _PARAMETER.sub(placeholder, query.replace("%", "%%"))
+    return text, [args[i] for i in order]
+
+
+class DjangoConnection:
+    """The statements of ``sql.py`` on Django's connection of one database alias, in the calling thread.
+
+    For synchronous callers where that connection serves (a sync view, a task
+    worker, a management command), so that they need no pool of ours. The same
+    policy as ``Database``: a missing table or function is ``SchemaNotReadyError``;
+    a transient error (connection lost, server restarting, too many
+    connections, deadlock) is retried with backoff on a new connection until the
+    deadline, then ``StoreUnavailableError``; anything else passes through. Django
+    is imported on first use, so that this module never needs it.
+
+    Rows come back as tuples; bytea as ``bytes`` (psycopg 2 gives a memoryview).
+    """
+
+    __slots__ = ("alias", "retry_deadline")
+
+    def __init__(self, alias: str, *, retry_deadline: float) -> None:
+        self.alias = alias
+        self.retry_deadline = retry_deadline
+
+    def fetchrow(self, query: str, *args: Any) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self._run(query, args, lambda cursor: cursor.fetchone())
+        return row
+
+    def fetchval(self, query: str, *args: Any) -> Any:
+        row = self.fetchrow(query, *args)
+        return None if row is None else row[0]
+
+    def execute(self, query: str, *args: Any) -> int:
+        """Run a statement; the number of rows it touched."""
+        count: int = self._run(query, args, lambda cursor: cursor.rowcount)
+        return count
+
+    def _run(self, query: str, args: tuple[Any, ...], result: Callable[[Any], Any]) -> Any:
+        from django.db import connections
+
+        text, params = to_format_style(query, args)
+        deadline = time.monotonic() + self.retry_deadline
+        delay = 0.02
+        attempts = 0
+        while True:
+            connection = connections[self.alias]
+            attempts += 1
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(text, params)
+                    value = result(cursor)
+            except Exception as exc:
+                state = _sqlstate(exc)
+                if state in _NOT_MIGRATED_STATES:
+                    raise SchemaNotReadyError(NOT_MIGRATED) from exc
+                if connection.in_atomic_block or not _django_transient(exc, state):
+                    raise
+                # A connection that failed this way is of no more use: the next
+                # cursor() opens a new one.
+                connection.close()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreUnavailableError(
+                        f"database unavailable for {self.retry_deadline:.1f}s ({attempts} attempts): {exc}"
+                    ) from exc
+                time.sleep(min(remaining, random.uniform(0, delay)))  # noqa: S311 - jitter, not crypto
+                delay = min(1.0, delay * 2)
+                continue
+            return _plain(value)
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    # Django wraps the driver's error; psycopg 3 names the code sqlstate, psycopg 2 pgcode.
+    for error in (exc, exc.__cause__):
+        state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        if isinstance(state, str):
+            return state
+    return None
+
+
+def _django_transient(exc: BaseException, state: str | None) -> bool:
+    from django.db import InterfaceError, OperationalError
+
+    if state is not None:
+        return state[:2] in _TRANSIENT_CLASSES
+    # No SQLSTATE: the connection broke before the server answered.
+    return isinstance(exc, (OperationalError, InterfaceError))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(bytes(item) if isinstance(item, memoryview) else item for item in value)
+    return value

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-from urllib.parse import unquote
+import shlex
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, unquote, urlencode
 
 from .errors import ConfigurationError
 
@@ -89,3 +92,71 @@ def redact(dsn: str) -> str:
             masked = False
         pairs.append(pair)
     return head + rest[: query_at + 1] + "&".join(pairs) + rest[query_end:]
+
+
+# Django's PostgreSQL engines; anything else has no events tables to offer.
+DJANGO_POSTGRESQL_ENGINES = ("django.db.backends.postgresql", "django.contrib.gis.db.backends.postgis")
+# Connection options that mean the same to asyncpg as to psycopg.
+_PASSED_OPTIONS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "passfile", "target_session_attrs")
+
+
+def dsn_from_django(alias: str, entry: Mapping[str, Any]) -> str:
+    """The ``postgresql://`` DSN of a Django ``DATABASES`` entry.
+
+    Carries the name, user, password, host (a directory is a Unix socket) and
+    port; the SSL options; and ``-c name=value`` pairs of ``OPTIONS["options"]``
+    (a ``search_path``, say) as server settings. Options only Django knows (its
+    pool, server-side binding, isolation level, a role to assume) stay behind.
+    """
+    engine = entry.get("ENGINE")
+    if engine not in DJANGO_POSTGRESQL_ENGINES:
+        raise ConfigurationError(
+            f"DATABASES[{alias!r}] is not PostgreSQL (ENGINE {engine!r}): name a PostgreSQL alias in "
+            "MCP_PG_EVENTS['DATABASE'], or give MCP_PG_EVENTS['DSN']"
+        )
+    options: Mapping[str, Any] = entry.get("OPTIONS") or {}
+    user = str(entry.get("USER") or "")
+    password = str(entry.get("PASSWORD") or "")
+    host = str(entry.get("HOST") or "")
+    port = str(entry.get("PORT") or "")
+    name = str(entry.get("NAME") or "")
+    if not name:
+        raise ConfigurationError(f"DATABASES[{alias!r}] has no NAME")
+    query: dict[str, str] = {key: str(options[key]) for key in _PASSED_OPTIONS if options.get(key)}
+    for setting, value in _server_settings(alias, str(options.get("options") or "")):
+        query[setting] = value
+    userinfo = quote(user, safe="") + (":" + quote(password, safe="") if password else "")
+    netloc = f"{userinfo}@" if userinfo else ""
+    if host.startswith("/"):
+        query["host"] = host
+        if port:
+            query["port"] = port
+    else:
+        netloc += f"[{host}]" if ":" in host else host
+        netloc += f":{port}" if port else ""
+    dsn = f"postgresql://{netloc}/{quote(name, safe='')}"
+    return f"{dsn}?{urlencode(query)}" if query else dsn
+
+
+def _server_settings(alias: str, options: str) -> list[tuple[str, str]]:
+    # libpq's "options" are command-line switches for the server; asyncpg takes
+    # unknown DSN parameters as server settings instead.
+    words = shlex.split(options)
+    pairs = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "-c" and i + 1 < len(words):
+            word, i = words[i + 1], i + 1
+        elif word.startswith("-c") or word.startswith("--"):
+            word = word[2:]
+        else:
+            raise ConfigurationError(f"DATABASES[{alias!r}]['OPTIONS']['options']: cannot read {word!r}")
+        setting, sep, value = word.partition("=")
+        if not sep:
+            raise ConfigurationError(
+                f"DATABASES[{alias!r}]['OPTIONS']['options']: {word!r} is not name=value"
+            )
+        pairs.append((setting.replace("-", "_"), value))
+        i += 1
+    return pairs

@@ -95,15 +95,39 @@ class StreamFollower(Follower):
     event loop and must not block; what it raises is logged. A failed catch-up
     keeps the follower and its cursor: the next wake-up or poll tries again, so
     nothing is skipped.
+
+    A consumer that cannot keep up calls ``pause()`` (from ``on_rows`` or
+    anywhere on the tail's loop): the tail then reads nothing more for it, its
+    cursor stays where it is, and ``resume()`` has it caught up from there. The
+    rows wait in the table, not in memory.
     """
 
-    __slots__ = ("_on_rows",)
+    __slots__ = ("_on_rows", "_paused")
 
     def __init__(
         self, stream_key: int, after: int, on_rows: Callable[[list[tuple[int, bytes | None]]], None]
     ) -> None:
         super().__init__(stream_key, after)
         self._on_rows = on_rows
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Read nothing more for this follower until ``resume()``; on the tail's loop."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Read on from the cursor; on the tail's loop. Idempotent."""
+        if self._paused:
+            self._paused = False
+            if self._tail is not None:
+                self._tail.mark(self)
+
+    def _ready(self) -> bool:
+        return not self._paused
 
     def _take(self, rows: list[asyncpg.Record], decoded: dict[int, Any], more: bool) -> bool:
         self.after = rows[-1][1]

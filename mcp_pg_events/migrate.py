@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from alembic import command
@@ -19,9 +20,9 @@ def migrations_dir() -> Path:
     raise FileNotFoundError("the mcp-pg-events migrations are not installed next to the package")
 
 
-def alembic_config(dsn: str | None = None) -> Config:
+def alembic_config(dsn: str | None = None, output_buffer: io.StringIO | None = None) -> Config:
     """An alembic config for the bundled migrations, on ``dsn`` (else the environment's, in env.py)."""
-    config = Config()
+    config = Config(output_buffer=output_buffer)
     config.set_main_option("script_location", str(migrations_dir()))
     if dsn is not None:
         config.attributes["dsn"] = dsn
@@ -41,3 +42,19 @@ def downgrade(dsn: str | None, revision: str) -> None:
 def print_sql(revision: str = "head") -> None:
     """Print the SQL of the migrations up to ``revision``, for teams that apply it themselves."""
     command.upgrade(alembic_config(), revision, sql=True)
+
+
+def script(start: str | None, target: str | None) -> str:
+    """The SQL that takes a database from revision ``start`` to ``target`` (None: no schema), up or down.
+
+    Without ``BEGIN``/``COMMIT``: for a caller that runs it inside a transaction
+    of its own (a Django migration).
+    """
+    buffer = io.StringIO()
+    config = alembic_config(output_buffer=buffer)
+    config.attributes["bare"] = True
+    if target is not None and (start is None or int(start) < int(target)):
+        command.upgrade(config, f"{start}:{target}" if start else target, sql=True)
+    elif start is not None and (target is None or int(target) < int(start)):
+        command.downgrade(config, f"{start}:{target or 'base'}", sql=True)
+    return buffer.getvalue()

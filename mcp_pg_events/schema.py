@@ -55,6 +55,12 @@ sessions = Table(
     Column("key", Text, nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("ended_at", DateTime(timezone=True), nullable=True),
+    # Who a session store bound the session to (rest_framework_mcp's principal id);
+    # NULL for the SDK integration's sessions and for rows an append made.
+    Column("principal", Text, nullable=True),
+    # When a session store last saw the session in use: retention removes idle
+    # sessions, not old ones.
+    Column("last_active_at", DateTime(timezone=True), nullable=True),
 )
 
 # Retention finds the ended sessions at every run; partial, so it holds only the
@@ -117,6 +123,30 @@ Index(
     postgresql_using="brin",
     postgresql_with={"pages_per_range": "32"},
 )
+
+
+# rest_framework_mcp's tasks (mcp_pg_events.rest_framework.PostgresTaskStore).
+tasks = Table(
+    "mcp_events_tasks",
+    metadata,
+    # The server's name: two servers sharing a database cannot read each other's tasks.
+    Column("namespace", Text, primary_key=True),
+    Column("task_id", Text, primary_key=True),
+    Column("principal", Text, nullable=False),
+    # The status, also inside the record: for operators, and so that a finished
+    # task cannot be reopened by a late write from another process.
+    Column("status", Text, nullable=False),
+    # The record as UTF-8 JSON bytes; bytea, as the events' messages, since jsonb
+    # rejects "\u0000" in strings, which tool arguments and results may hold.
+    Column("record", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Stamped at creation from the task's ttlMs; reads ignore the row after it,
+    # retention deletes it.
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+Index("mcp_events_tasks_expires_at_idx", tasks.c.expires_at)
 
 
 def is_partition(name: str | None) -> bool:

@@ -81,6 +81,7 @@ _PARSERS: dict[str, Any] = {
     "float": float,
     "timedelta": parse_duration,
     "timedelta | None": parse_duration,
+    "str": str,
     "str | None": str,
 }
 
@@ -279,8 +280,66 @@ class RetentionOptions(TypedDict, total=False):
     interval: timedelta
 
 
+@dataclass(frozen=True)
+class RestFrameworkSettings(_FromEnv):
+    """How ``mcp_pg_events.rest_framework`` serves ``rest_framework_mcp``. Each setting also reads
+    ``MCP_PG_EVENTS_<NAME>``; in a Django project, the ``MCP_PG_EVENTS`` setting (a dict of
+    upper-case names) wins over the environment."""
+
+    database: str = "default"
+    """The Django database alias: its ``DATABASES`` entry gives the DSN (unless ``dsn`` is set),
+    and the synchronous stores run on its connection where Django's connection serves (a sync
+    view, a worker, a command; not an ASGI request, whose connection Django keeps until the
+    response ends, and not inside a transaction, which would hold back the write)."""
+    dsn: str | None = None
+    """A ``postgresql://`` DSN for the event store instead of ``DATABASES[database]``; the
+    synchronous stores then use the event store's pool too (Django's may be another database)."""
+    sse_queue_size: int = 1024
+    """Events an open GET stream holds in memory at most; past it the stream's reader in the
+    database pauses until the client catches up (nothing is dropped: the events wait in the
+    table)."""
+    subscription_queue_size: int = 1024
+    """Notifications a subscription holds in memory at most; past it the subscription reads
+    from the table at its own pace until it catches up (nothing is dropped)."""
+    task_ttl_fallback: timedelta = timedelta(days=7)
+    """How long a task that asked for no expiry (``ttlMs`` null) is kept."""
+    session_activity_interval: timedelta = timedelta(minutes=1)
+    """How often at most a session's last activity is written: ``owner()`` on every request
+    updates the row only when the last write is older than this."""
+    replay_gap_notice: bool = True
+    """Tell a client that resumes from an event retention removed, with one
+    ``notifications/mcp_pg_events/replay_gap`` before the events still held; off: silence, as
+    for an unknown id."""
+
+    def __post_init__(self) -> None:
+        if not self.database:
+            raise ConfigurationError("database must name a Django database alias")
+        for name in ("sse_queue_size", "subscription_queue_size"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("task_ttl_fallback", "session_activity_interval"):
+            value = getattr(self, name)
+            if value < timedelta(0) or value > MAX_DURATION:
+                raise ConfigurationError(
+                    f"{name} must be from 0 to {MAX_DURATION.days:,} days, got {format_duration(abs(value))}"
+                )
+
+
+class RestFrameworkOptions(TypedDict, total=False):
+    """The keyword arguments ``RestFrameworkSettings`` takes: its fields."""
+
+    database: str
+    dsn: str | None
+    sse_queue_size: int
+    subscription_queue_size: int
+    task_ttl_fallback: timedelta
+    session_activity_interval: timedelta
+    replay_gap_notice: bool
+
+
 __all__ = [
     "MAX_PARTITIONS_AHEAD",
+    "RestFrameworkOptions",
+    "RestFrameworkSettings",
     "RetentionOptions",
     "RetentionSettings",
     "StoreOptions",

@@ -322,3 +322,110 @@ ORDER BY st.id
 EVENT_TIMES = """
 SELECT seq, created_at FROM mcp_events_events WHERE stream_key = $1 AND seq = ANY($2::bigint[])
 """
+
+# --- rest_framework_mcp (mcp_pg_events.rest_framework) --------------------------------------
+
+# Find or create a session's stream, as UPSERT_STREAM does, with the database's
+# clock and the stream's newest event and its creation time: where a reader that
+# subscribed a moment ago starts (see STREAM_SEQ_BEFORE).
+# $1 session key, $2 stream name (bytes), $3 tag for a new stream
+STREAM_NEWEST = """
+WITH session AS (
+    INSERT INTO mcp_events_sessions (key) VALUES ($1)
+    ON CONFLICT (key) DO UPDATE SET key = EXCLUDED.key
+    RETURNING id
+), stream AS (
+    INSERT INTO mcp_events_streams (session_id, name, tag)
+    SELECT session.id, $2, $3 FROM session
+    ON CONFLICT (session_id, name) DO UPDATE SET tag = mcp_events_streams.tag
+    RETURNING id, tag
+)
+SELECT stream.id, stream.tag, now() AS now, newest.seq, newest.created_at
+FROM stream
+LEFT JOIN LATERAL (
+    SELECT e.seq, e.created_at FROM mcp_events_events e
+    WHERE e.stream_key = stream.id ORDER BY e.seq DESC LIMIT 1
+) AS newest ON true
+"""
+
+# The newest event of a stream created before a moment. Within a stream created_at
+# grows with seq (one append in flight per stream, each its own transaction), so
+# this is the stream's head as of that moment.
+# $1 stream key, $2 timestamptz
+STREAM_SEQ_BEFORE = """
+SELECT e.seq FROM mcp_events_events e
+WHERE e.stream_key = $1 AND e.created_at < $2
+ORDER BY e.seq DESC LIMIT 1
+"""
+
+# A resuming reader's cursor in the stream of this name of this session: whether
+# its event is still there. No row for a cursor that is not that stream's
+# (another session's, another stream's, a forged tag): those stay silent.
+# $1 stream key, $2 seq, $3 tag, $4 session key, $5 stream name (bytes)
+STREAM_CURSOR = """
+SELECT EXISTS (SELECT FROM mcp_events_events e WHERE e.stream_key = $1 AND e.seq = $2) AS present
+FROM mcp_events_streams st
+JOIN mcp_events_sessions se ON se.id = st.session_id
+WHERE st.id = $1 AND st.tag = $3 AND se.key = $4 AND st.name = $5
+"""
+
+# A new session bound to its principal, active as of now.
+# $1 session key, $2 principal
+SESSION_CREATE = "INSERT INTO mcp_events_sessions (key, principal, last_active_at) VALUES ($1, $2, now())"
+
+# A live session's principal, with its activity recorded, and the database's clock
+# (the GET stream that follows starts there). Live: bound to a principal, not ended,
+# active within the idle window and younger than the maximum age (NULL: none).
+# Activity is written only when the last write is older than $4 seconds: at most
+# one row update per session per interval, however many requests.
+# $1 session key, $2 idle seconds, $3 maximum age in seconds or NULL, $4 seconds
+SESSION_OWNER = """
+WITH live AS (
+    SELECT id, principal, coalesce(last_active_at, created_at) AS active_at
+    FROM mcp_events_sessions
+    WHERE key = $1 AND principal IS NOT NULL AND ended_at IS NULL
+      AND coalesce(last_active_at, created_at) > now() - make_interval(secs => $2)
+      AND ($3::float8 IS NULL OR created_at > now() - make_interval(secs => $3::float8))
+), touched AS (
+    UPDATE mcp_events_sessions se SET last_active_at = now()
+    FROM live
+    WHERE se.id = live.id AND live.active_at < now() - make_interval(secs => $4)
+)
+SELECT principal, now() FROM live
+"""
+
+# Whether a session is live (as SESSION_OWNER), without recording activity.
+# $1 session key, $2 idle seconds, $3 maximum age in seconds or NULL
+SESSION_EXISTS = """
+SELECT EXISTS (
+    SELECT FROM mcp_events_sessions
+    WHERE key = $1 AND principal IS NOT NULL AND ended_at IS NULL
+      AND coalesce(last_active_at, created_at) > now() - make_interval(secs => $2)
+      AND ($3::float8 IS NULL OR created_at > now() - make_interval(secs => $3::float8))
+)
+"""
+
+# A new task, expiring $6 seconds from now.
+# $1 namespace, $2 task id, $3 principal, $4 status, $5 record (JSON bytes), $6 seconds
+TASK_CREATE = """
+INSERT INTO mcp_events_tasks (namespace, task_id, principal, status, record, expires_at)
+VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+"""
+
+# A task's record, unless it expired (retention deletes it later).
+# $1 namespace, $2 task id
+TASK_GET = "SELECT record FROM mcp_events_tasks WHERE namespace = $1 AND task_id = $2 AND expires_at > now()"
+
+# Overwrite a task in place, keeping its expiry. An expired or deleted task is not
+# brought back, and a finished one (completed, failed, cancelled) never changes
+# status again: a worker's late progress write cannot reopen a task a client
+# cancelled meanwhile in another process.
+# $1 namespace, $2 task id, $3 principal, $4 status, $5 record (JSON bytes)
+TASK_SAVE = """
+UPDATE mcp_events_tasks SET principal = $3, status = $4, record = $5, updated_at = now()
+WHERE namespace = $1 AND task_id = $2 AND expires_at > now()
+  AND (status NOT IN ('completed', 'failed', 'cancelled') OR status = $4)
+"""
+
+# $1 namespace, $2 task id
+TASK_DELETE = "DELETE FROM mcp_events_tasks WHERE namespace = $1 AND task_id = $2"

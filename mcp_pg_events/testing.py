@@ -146,6 +146,19 @@ class SSEStream:
             elif field in ("event", "retry"):
                 seen = True
 
+    async def until_comment(self, text: str) -> None:
+        """Read on until the comment line ``: text``, skipping any event before it.
+
+        Some servers say so when a stream is open (rest_framework_mcp: ``stream open``).
+        """
+        while True:
+            try:
+                line = await asyncio.wait_for(self._lines.__anext__(), READ_TIMEOUT)
+            except StopAsyncIteration:
+                raise ConnectionError(f"the stream ended before the comment {text!r}") from None
+            if line.startswith(":") and line[1:].strip() == text:
+                return
+
     async def rest(self) -> list[SSE]:
         """Every event until the server ends the stream."""
         events = []

@@ -45,6 +45,8 @@ def run_offline() -> None:
         url=config.attributes.get("offline_url") or "postgresql://",
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
+        # A script for a caller's own transaction (migrate.script) has no BEGIN/COMMIT.
+        transactional_ddl=not config.attributes.get("bare"),
         **_OPTIONS,
     )
     with context.begin_transaction():

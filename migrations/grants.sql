@@ -65,6 +65,8 @@ GRANT SELECT, INSERT, UPDATE ON mcp_events_sessions, mcp_events_streams TO :"run
 GRANT SELECT, INSERT ON mcp_events_events TO :"runtime_role";
 -- nextval() in every append.
 GRANT USAGE ON SEQUENCE mcp_events_seq TO :"runtime_role";
+-- rest_framework_mcp's task store: create, read, update, delete tasks.
+GRANT SELECT, INSERT, UPDATE, DELETE ON mcp_events_tasks TO :"runtime_role";
 -- The schema check at connect time (and, on a database newer than the code,
 -- whether it still serves this code).
 GRANT SELECT ON mcp_events_alembic_version TO :"runtime_role";
@@ -81,6 +83,8 @@ REVOKE EXECUTE ON FUNCTION mcp_events_ensure_partitions FROM PUBLIC;
 -- append cannot add to it at that moment).
 GRANT SELECT, UPDATE, DELETE ON mcp_events_sessions, mcp_events_streams TO :"retention_role";
 GRANT SELECT, DELETE ON mcp_events_events TO :"retention_role";
+-- Expired tasks (SELECT: the DELETE finds them by expiry).
+GRANT SELECT, DELETE ON mcp_events_tasks TO :"retention_role";
 -- Where the sequence is: the partitions at or above it are never dropped.
 GRANT SELECT ON mcp_events_seq, mcp_events_alembic_version TO :"retention_role";
 GRANT EXECUTE ON PROCEDURE mcp_events_retention TO :"retention_role";

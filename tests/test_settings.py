@@ -11,11 +11,22 @@ from typing import Any, get_type_hints
 import pytest
 
 from mcp_pg_events import ConfigurationError, PostgresEventStore, RetentionSettings, StoreSettings
-from mcp_pg_events.settings import RetentionOptions, StoreOptions, env_name
+from mcp_pg_events.settings import (
+    RestFrameworkOptions,
+    RestFrameworkSettings,
+    RetentionOptions,
+    StoreOptions,
+    env_name,
+)
 
 
 @pytest.mark.parametrize(
-    ("settings", "options"), [(StoreSettings, StoreOptions), (RetentionSettings, RetentionOptions)]
+    ("settings", "options"),
+    [
+        (StoreSettings, StoreOptions),
+        (RetentionSettings, RetentionOptions),
+        (RestFrameworkSettings, RestFrameworkOptions),
+    ],
 )
 def test_the_typed_options_are_exactly_the_settings_fields(settings: Any, options: Any) -> None:
     fields = {f.name: f.type for f in dataclasses.fields(settings)}
