@@ -497,6 +497,26 @@ $$
 _PREVIOUS = "0002_retention.py"
 
 
+# Every function of ours runs with a fixed search_path (see 0004): the tables'
+# schema, pg_temp last, so that no caller's temporary object is ever resolved.
+PIN_PLAN = """
+DO $pin$
+DECLARE
+    v_schema name := (
+        SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.oid = 'mcp_events_events'::regclass
+    );
+BEGIN
+    EXECUTE format(
+        'ALTER FUNCTION %I.mcp_events_retention_plan(timestamptz, timestamptz, interval) '
+        'SET search_path = pg_catalog, %I, pg_temp',
+        v_schema, v_schema
+    );
+END
+$pin$
+"""
+
+
 def _previous_routines() -> tuple[str, str]:
     import importlib.util
     from pathlib import Path
@@ -531,6 +551,7 @@ def upgrade() -> None:
     )
     op.create_index("mcp_events_tasks_expires_at_idx", "mcp_events_tasks", ["expires_at"])
     op.execute(PLAN)
+    op.execute(PIN_PLAN)
     op.execute(RETENTION)
 
 
@@ -538,6 +559,7 @@ def downgrade() -> None:
     plan, retention = _previous_routines()
     op.execute(retention)
     op.execute(plan)
+    op.execute(PIN_PLAN)
     op.drop_index("mcp_events_tasks_expires_at_idx", table_name="mcp_events_tasks")
     op.drop_table("mcp_events_tasks")
     op.drop_column("mcp_events_sessions", "last_active_at")
