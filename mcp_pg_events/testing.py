@@ -125,16 +125,21 @@ class SSEStream:
         event_id: str | None = None
         data: list[str] = []
         seen = False
+        loop = asyncio.get_running_loop()
+        # READ_TIMEOUT between two lines that are not comments: a server's keep-alive
+        # comments must not make a reader wait forever for an event that never comes.
+        deadline = loop.time() + READ_TIMEOUT
         while True:
             try:
-                line = await asyncio.wait_for(self._lines.__anext__(), READ_TIMEOUT)
+                line = await asyncio.wait_for(self._lines.__anext__(), max(0.0, deadline - loop.time()))
             except StopAsyncIteration:
                 return SSE(event_id, "\n".join(data)) if seen else None
+            if line.startswith(":"):
+                continue
+            deadline = loop.time() + READ_TIMEOUT
             if line == "":
                 if seen:
                     return SSE(event_id, "\n".join(data))
-                continue
-            if line.startswith(":"):
                 continue
             field, _, value = line.partition(":")
             value = value.removeprefix(" ")
