@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import sql
+from . import sql, wakeups
 from .database import OLDEST_SCHEMA, SCHEMA_REVISION, check_schema, connect_one
 from .dsn import DSN_ENV, FALLBACK_DSN_ENV, redact, resolve_dsn
 from .embedded import DATA_ENV, default_data_dir, embedded_postgres
@@ -146,10 +146,11 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="show a dropped MCP stream resumed with nothing lost (embedded PostgreSQL without a DSN)",
+        help="show a stream dropped on one worker resumed on another (embedded PostgreSQL without a DSN)",
         description=(
-            "Serve an MCP tool that streams progress over Streamable HTTP, drop the client's stream "
-            "half-way, resume it with Last-Event-ID, and check that nothing was lost or doubled. "
+            "Serve an MCP tool that streams progress over Streamable HTTP from two worker processes, "
+            "drop the client's stream half-way on one, resume it with Last-Event-ID on the other, check "
+            "that nothing was lost or doubled, then kill the first and go on with the session. "
             "Without a DSN it runs an embedded PostgreSQL in its own folder (kept between runs)."
         ),
     )
@@ -349,11 +350,11 @@ async def _demo_async(dsn: str, args: argparse.Namespace) -> int:
     from .demo import run_demo, say, serve_forever
     from .store import PostgresEventStore
 
-    async with await PostgresEventStore.connect(dsn) as store:
-        if args.serve:
+    if args.serve:
+        async with await PostgresEventStore.connect(dsn) as store:
             await serve_forever(store, args.port, args.pace)
-            return 0
-        ok = await run_demo(store, events=args.events, drop_after=args.drop_after, pace=args.pace, say=say)
+        return 0
+    ok = await run_demo(dsn, events=args.events, drop_after=args.drop_after, pace=args.pace, say=say)
     return 0 if ok else 1
 
 
@@ -916,9 +917,11 @@ def _stream_label(text: str) -> str:
 
 async def _sessions_end(dsn: str, key: str) -> int:
     async with _operator_connection(dsn) as conn:
-        # The statement the store runs when a client ends its session with DELETE.
-        done = await conn.execute(sql.END_SESSION, key)
-        if done == "UPDATE 1":
+        # The statement the store runs when a client ends its session with DELETE,
+        # and the announcement that makes every worker holding it drop it at once.
+        row_id = await conn.fetchval(sql.END_SESSION, key, "operator")
+        if row_id is not None:
+            await conn.execute(sql.NOTIFY, wakeups.ENDED_CHANNEL, [str(row_id)])
             print(
                 f"session {key} ended: retention removes its events after the ended-session grace "
                 f"(retention's --ended-grace)"

@@ -214,12 +214,18 @@ async def keep_session_state(conn: asyncpg.Connection[Any]) -> None:
 
 
 async def connect_one(
-    dsn: str, *, timeout: float = 60, application_name: str | None = None
+    dsn: str,
+    *,
+    timeout: float = 60,
+    application_name: str | None = None,
+    server_settings: dict[str, str] | None = None,
 ) -> asyncpg.Connection[Any]:
     """One connection outside any pool (the listener, retention, the CLI), with the connect error mapping."""
-    settings = {"application_name": application_name} if application_name else None
+    settings = dict(server_settings or {})
+    if application_name:
+        settings["application_name"] = application_name
     try:
-        return await asyncpg.connect(dsn, timeout=timeout, server_settings=settings)
+        return await asyncpg.connect(dsn, timeout=timeout, server_settings=settings or None)
     except _CONNECT_ERRORS as exc:
         raise connection_error(dsn, exc) from exc
 
@@ -302,21 +308,30 @@ class Database:
     # Each call is retried under the policy unless ``retry=False``: then it is tried
     # once and its error raised as it is (a missing schema aside), for a caller with
     # a retry loop of its own (the writer) or a statement a later one makes good (a
-    # wake-up). Retried calls must be reads or idempotent writes.
+    # wake-up). ``deadline`` shortens the retries for a caller that answers someone
+    # waiting (an HTTP request). Retried calls must be reads or idempotent writes.
 
-    async def fetch(self, query: str, *args: Any, retry: bool = True) -> list[asyncpg.Record]:
-        return await self._run(lambda conn: conn.fetch(query, *args), retry)
+    async def fetch(
+        self, query: str, *args: Any, retry: bool = True, deadline: float | None = None
+    ) -> list[asyncpg.Record]:
+        return await self._run(lambda conn: conn.fetch(query, *args), retry, deadline)
 
-    async def fetchrow(self, query: str, *args: Any, retry: bool = True) -> asyncpg.Record | None:
-        return await self._run(lambda conn: conn.fetchrow(query, *args), retry)
+    async def fetchrow(
+        self, query: str, *args: Any, retry: bool = True, deadline: float | None = None
+    ) -> asyncpg.Record | None:
+        return await self._run(lambda conn: conn.fetchrow(query, *args), retry, deadline)
 
-    async def fetchval(self, query: str, *args: Any, retry: bool = True) -> Any:
-        return await self._run(lambda conn: conn.fetchval(query, *args), retry)
+    async def fetchval(
+        self, query: str, *args: Any, retry: bool = True, deadline: float | None = None
+    ) -> Any:
+        return await self._run(lambda conn: conn.fetchval(query, *args), retry, deadline)
 
-    async def execute(self, query: str, *args: Any, retry: bool = True) -> str:
-        return await self._run(lambda conn: conn.execute(query, *args), retry)
+    async def execute(self, query: str, *args: Any, retry: bool = True, deadline: float | None = None) -> str:
+        return await self._run(lambda conn: conn.execute(query, *args), retry, deadline)
 
-    async def _run(self, call: Callable[[Connection], Awaitable[_T]], retry: bool) -> _T:
+    async def _run(
+        self, call: Callable[[Connection], Awaitable[_T]], retry: bool, deadline: float | None = None
+    ) -> _T:
         backoff: Backoff | None = None
         while True:
             conn: PoolConnectionProxy[Any] | None = None
@@ -333,7 +348,7 @@ class Database:
             finally:
                 if conn is not None:
                     await self.pool.release(conn)
-            backoff = backoff or self.backoff()
+            backoff = backoff or self.backoff(deadline)
             if not await backoff.wait():
                 raise backoff.gave_up(error) from error
             metrics.retrying(error)
@@ -352,13 +367,19 @@ class Database:
             yield conn
 
     async def connect_outside_pool(
-        self, dsn: str | None, application_name: str, timeout: float
+        self,
+        dsn: str | None,
+        application_name: str,
+        timeout: float,
+        server_settings: dict[str, str] | None = None,
     ) -> asyncpg.Connection[Any]:
         """A connection of its own, e.g. for LISTEN, which a pooled connection loses on release."""
         target = dsn or self.dsn
         if target is None:
             raise ConfigurationError("no DSN to open a connection outside the pool with")
-        return await connect_one(target, timeout=timeout, application_name=application_name)
+        return await connect_one(
+            target, timeout=timeout, application_name=application_name, server_settings=server_settings
+        )
 
     async def check_schema(self) -> None:
         await check_schema(self)

@@ -1,34 +1,35 @@
-"""``mcp-pg-events demo``: an MCP server whose stream drops and resumes, with nothing lost.
+"""``mcp-pg-events demo``: a stream that drops on one worker and resumes on another, nothing lost.
 
-It serves a tool that streams progress notifications over Streamable HTTP on
-loopback, and runs a client that drops its SSE stream half-way, reconnects with
-``Last-Event-ID`` and checks that every notification arrived exactly once.
-The client speaks the wire protocol with httpx, so every step is visible.
+Two worker processes serve the same MCP app on one database. The client opens
+its session on worker A, calls a tool that streams progress notifications,
+drops its SSE stream half-way, and resumes it with ``Last-Event-ID`` on worker
+B, which has never seen the session: B takes it over from the registry and
+follows, from PostgreSQL, what A keeps storing until the tool's result. Then A
+is killed, and the session goes on, on B. The client speaks the wire protocol
+with httpx, so every step is visible.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
 
 from .compat import MCP_MAJOR, Context, new_server
-from .testing import (
-    PROTOCOL_VERSION,
-    READ_TIMEOUT,
-    SSE,
-    McpClient,
-    RecordingStore,
-    is_response,
-    serve,
-    streamable_app,
-)
+from .testing import PROTOCOL_VERSION, SSE, McpClient, serve, streamable_app
 
 # Names the demo's progress notifications (a progress token, not a secret).
 PROGRESS_TOKEN = "demo"  # noqa: S105
+# Seconds a worker process may take to start.
+WORKER_START = 60.0
 
 
 def _demo_app(store: Any, pace: float) -> Any:
@@ -40,7 +41,7 @@ def _demo_app(store: Any, pace: float) -> Any:
         for i in range(1, n + 1):
             await ctx.report_progress(i, n, f"{n - i} to go")
             await asyncio.sleep(pace)
-        return f"counted down from {n}"
+        return f"counted down from {n} on worker {os.getpid()}"
 
     return streamable_app(server, store)
 
@@ -52,17 +53,71 @@ def _progress(event: SSE) -> float | None:
     return None
 
 
+def _result(event: SSE, request_id: int) -> str | None:
+    message = event.message
+    if message and message.get("id") == request_id:
+        return str(message.get("result", {}).get("content", [{}])[0].get("text"))
+    return None
+
+
+class _Worker:
+    """A worker process serving the demo app on a socket of its own."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process, url: str) -> None:
+        self.name, self.process, self.url = name, process, url
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except asyncio.TimeoutError:
+                await self.kill()
+
+
+@asynccontextmanager
+async def _worker(name: str, dsn: str, pace: float) -> AsyncIterator[_Worker]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    environment = {**os.environ, "MCP_PG_EVENTS_DSN": dsn}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcp_pg_events.demo", "worker", str(sock.fileno()), str(pace),
+        env=environment, pass_fds=[sock.fileno()], stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    worker = _Worker(name, process, f"http://127.0.0.1:{sock.getsockname()[1]}")
+    sock.close()  # the worker has its own
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), WORKER_START)
+        if not line.startswith(b"serving"):
+            raise RuntimeError(f"worker {name} did not start")
+        yield worker
+    finally:
+        await worker.stop()
+
+
 async def run_demo(
-    store: Any, *, events: int, drop_after: int, pace: float, say: Callable[[str], None]
+    dsn: str, *, events: int, drop_after: int, pace: float, say: Callable[[str], None]
 ) -> bool:
-    """Serve, drop, resume, check. True when every notification arrived exactly once."""
-    watch = RecordingStore(store)
-    async with serve(_demo_app(watch, pace)) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
-        say(f"server   listening on {url}/mcp (mcp {MCP_MAJOR}.x, protocol {PROTOCOL_VERSION})")
-        client = McpClient(http)
+    """Drop on one worker, resume on the other, check; kill the first, go on. True when all went well."""
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(_worker("A", dsn, pace))
+        b = await stack.enter_async_context(_worker("B", dsn, pace))
+        for worker in (a, b):
+            say(f"worker {worker.name} pid {worker.process.pid} on {worker.url}/mcp")
+        say(f"         (mcp {MCP_MAJOR}.x, protocol {PROTOCOL_VERSION}; one database, no sticky routing)")
+        http_a = await stack.enter_async_context(httpx.AsyncClient(base_url=a.url, timeout=30))
+        http_b = await stack.enter_async_context(httpx.AsyncClient(base_url=b.url, timeout=30))
+        client = McpClient(http_a)
         await client.initialize()
-        say(f"client   session {client.session_id}")
-        say(f'client   calls "countdown" with n={events}: one progress notification per step')
+        say(f"client   session {client.session_id}, opened on worker A")
+        say(f'client   calls "countdown" with n={events} on worker A: one progress notification per step')
         request_id, call = client.call_tool("countdown", {"n": events}, progress_token=PROGRESS_TOKEN)
         live: list[SSE] = []
         async with call as stream:
@@ -73,32 +128,51 @@ async def run_demo(
                 if (progress := _progress(event)) is not None:
                     live.append(event)
                     say(f"  live      progress {progress:>4.0f}/{events}   id {event.id}")
-        say(f"client   drops the SSE stream after {drop_after} notifications")
-        await watch.wait_for(is_response(request_id), READ_TIMEOUT + pace * events)
-        say("server   the tool went on alone: the rest and the result are stored in PostgreSQL")
+        say(f"client   drops the SSE stream after {drop_after} notifications; worker A goes on with the tool")
         cursor = live[-1].id
         assert cursor is not None
-        say(f"client   reconnects: GET /mcp with Last-Event-ID: {cursor}")
+        client.http = http_b
+        say(f"client   resumes on worker B, which never saw the session: GET /mcp, Last-Event-ID: {cursor}")
         async with client.get(last_event_id=cursor) as resumed:
-            replayed = await resumed.until_response(request_id)
-        for event in replayed:
+            rest = await resumed.until_response(request_id)
+        for event in rest:
             if (progress := _progress(event)) is not None:
-                say(f"  replayed  progress {progress:>4.0f}/{events}   id {event.id}")
-            elif event.message and event.message.get("id") == request_id:
-                result = event.message.get("result", {}).get("content", [{}])[0].get("text")
-                say(f"  replayed  result: {result!r}")
+                say(f"  resumed   progress {progress:>4.0f}/{events}   id {event.id}")
+            elif (result := _result(event, request_id)) is not None:
+                say(f"  resumed   result: {result!r}")
 
-    received = [p for p in map(_progress, live + replayed) if p is not None]
-    expected = [float(i) for i in range(1, events + 1)]
-    lost = sorted(set(expected) - set(received))
-    doubled = len(received) - len(set(received))
-    ok = received == expected
-    say(
-        f"check    {len(set(received))} of {events} notifications, {len(live)} live and "
-        f"{len(received) - len(live)} replayed; lost {len(lost)}, doubled {doubled}: "
-        + ("OK" if ok else "FAILED")
-    )
+        received = [p for p in map(_progress, live + rest) if p is not None]
+        expected = [float(i) for i in range(1, events + 1)]
+        lost = sorted(set(expected) - set(received))
+        doubled = len(received) - len(set(received))
+        ok = received == expected
+        say(
+            f"check    {len(set(received))} of {events} notifications, {len(live)} live from worker A and "
+            f"{len(received) - len(live)} resumed on worker B; lost {len(lost)}, doubled {doubled}: "
+            + ("OK" if ok else "FAILED")
+        )
+
+        await a.kill()
+        say("worker A killed (SIGKILL); the client calls again, on worker B")
+        request_id, call = client.call_tool("countdown", {"n": 2}, progress_token=PROGRESS_TOKEN)
+        async with call as stream:
+            answer = [r for e in await stream.until_response(request_id) if (r := _result(e, request_id))]
+        ok = ok and len(answer) == 1
+        say(f"session  goes on without worker A: {answer[0] if answer else 'no answer'!r}")
     return ok
+
+
+async def _serve_worker(fd: int, pace: float) -> None:
+    from .store import PostgresEventStore
+
+    sock = socket.socket(fileno=fd)
+    async with await PostgresEventStore.connect() as store:
+        app = _demo_app(store, pace)
+        # The SDK logs every session at INFO: the demo's own lines tell the story.
+        logging.getLogger().setLevel(logging.WARNING)
+        async with serve(app, sock=sock):
+            print("serving", flush=True)
+            await asyncio.Event().wait()
 
 
 def say(line: str) -> None:
@@ -114,4 +188,7 @@ async def serve_forever(store: Any, port: int, pace: float) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - the CLI is the entry point
-    sys.exit("run: mcp-pg-events demo")
+    # ``python -m mcp_pg_events.demo worker FD PACE``: one of run_demo's workers.
+    if len(sys.argv) != 4 or sys.argv[1] != "worker":
+        sys.exit("run: mcp-pg-events demo")
+    asyncio.run(_serve_worker(int(sys.argv[2]), float(sys.argv[3])))

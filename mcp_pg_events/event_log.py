@@ -66,6 +66,8 @@ class Cursor(NamedTuple):
     stream_name: str
     # The newest message at or before the cursor: a response there means the stream is over.
     last_message: bytes | None
+    # The worker that runs the stream's request (None: unknown).
+    owner: int | None
 
 
 def stream_name(stream_id: str) -> tuple[bytes, bytes | None]:
@@ -116,11 +118,13 @@ class EventLog:
         tail: Callable[[], LiveTail],
         *,
         replay_batch_size: int,
+        worker: Callable[[], int | None] = lambda: None,
     ) -> None:
         self._db = db
         self._writer = writer
         self._tail = tail
         self._page = replay_batch_size
+        self._worker = worker
 
     async def append(
         self, session_key: str, stream_id: str, stream: StreamState, data: bytes | None
@@ -151,7 +155,9 @@ class EventLog:
         for _ in range(3):
             if stream.key is None:
                 name, full_name = stream_name(stream_id)
-                row = await self._db.fetchrow(sql.UPSERT_STREAM, session_key, name, new_tag(), full_name)
+                row = await self._db.fetchrow(
+                    sql.UPSERT_STREAM, session_key, name, new_tag(), full_name, self._worker()
+                )
                 assert row is not None
                 stream.key, stream.tag, stream.last_seq = row["id"], row["tag"], row["last_seq"] or 0
             assert stream.key is not None
@@ -175,7 +181,8 @@ class EventLog:
         if row is None:
             logger.debug("replay: cursor %s is unknown, expired or not this session's", last_event_id)
             return None
-        return Cursor(ref, bytes(row["name"]).decode("utf-8", "surrogatepass"), row["last_message"])
+        name = bytes(row["name"]).decode("utf-8", "surrogatepass")
+        return Cursor(ref, name, row["last_message"], row["worker_id"])
 
     async def replay(
         self, session_key: str, last_event_id: EventId, send_callback: EventCallback
@@ -215,7 +222,7 @@ class EventLog:
     def subscribe(self, session_key: str, last_event_id: EventId) -> Subscription:
         """Follow the stream of ``last_event_id`` live, from just after it (see ``Subscription``)."""
 
-        async def open_cursor() -> tuple[LiveTail, EventRef, str, bool] | None:
+        async def open_cursor() -> tuple[LiveTail, EventRef, str, bool, int | None] | None:
             cursor = await self.open_cursor(session_key, last_event_id)
             # Its events count as the live tail's, not as replayed ones.
             metrics.replayed(None if cursor is None else 0)
@@ -225,7 +232,7 @@ class EventLog:
             complete = last is not None and ends_stream(
                 answered_request(load_message(last)), cursor.stream_name
             )
-            return self._tail(), cursor.ref, cursor.stream_name, complete
+            return self._tail(), cursor.ref, cursor.stream_name, complete, cursor.owner
 
         return Subscription(open_cursor)
 
@@ -235,7 +242,7 @@ class EventLog:
         """Where the stream is now; None when it does not exist (unless ``create``: then it does)."""
         name, full_name = stream_name(stream_id)
         if create:
-            row = await self._db.fetchrow(sql.UPSERT_STREAM, session_key, name, new_tag(), full_name)
+            row = await self._db.fetchrow(sql.UPSERT_STREAM, session_key, name, new_tag(), full_name, None)
         else:
             row = await self._db.fetchrow(sql.STREAM_HEAD, session_key, name)
         if row is None:
@@ -255,7 +262,12 @@ class EventLog:
         if follower._tail is not None:
             follower._tail.remove(follower)
 
-    async def end_session(self, key: str) -> None:
-        """Mark the session ``key`` ended: retention deletes its events after its ended-session grace."""
-        if valid_session_key(key):  # no session can have any other key
-            await self._db.execute(sql.END_SESSION, key)
+    async def end_session(self, key: str, reason: str | None = None) -> int | None:
+        """Mark the session ``key`` ended: retention deletes its events after its ended-session grace.
+
+        Returns its row id when this call ended it.
+        """
+        if not valid_session_key(key):  # no session can have any other key
+            return None
+        ended: int | None = await self._db.fetchval(sql.END_SESSION, key, reason)
+        return ended

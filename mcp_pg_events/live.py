@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from mcp.server.streamable_http import EventMessage
@@ -33,6 +33,9 @@ from .event_ids import format_event_id
 from .listener import Listener
 from .messages import answered_request, load_message
 from .settings import StoreSettings
+
+if TYPE_CHECKING:
+    from .workers import OrphanWatch
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +161,7 @@ class Subscription(Follower):
         "_opened",
         "_starved",
         "_waiter",
+        "owner",
         "stream_name",
         "tag",
     )
@@ -168,6 +172,8 @@ class Subscription(Follower):
         self._opened = False
         self.stream_name = ""
         self.tag = ""
+        # The worker that runs the stream's request (None: unknown).
+        self.owner: int | None = None
         self._buffer: deque[EventMessage] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._complete = False
@@ -192,7 +198,7 @@ class Subscription(Follower):
             if found is None:
                 self._complete = True
             else:
-                tail, ref, self.stream_name, complete = found
+                tail, ref, self.stream_name, complete, self.owner = found
                 self.stream_key, self.after, self.tag = ref.stream_key, ref.seq, ref.tag
                 self._complete = complete
                 if not complete and not self._closed:
@@ -305,9 +311,17 @@ class LiveTail:
     longer than a writer sends) and replaced by a catch-up of every subscription.
     """
 
-    def __init__(self, db: Database, listener: Listener | None, settings: StoreSettings) -> None:
+    def __init__(
+        self,
+        db: Database,
+        listener: Listener | None,
+        settings: StoreSettings,
+        orphans: OrphanWatch | None = None,
+    ) -> None:
         self._db = db
         self._listener = listener
+        # Told of the subscriptions that follow another worker's request.
+        self._orphans = orphans
         self._poll_interval = settings.poll_interval
         self.page_size = settings.replay_batch_size
         self._fetch_batch = settings.tail_batch
@@ -372,9 +386,13 @@ class LiveTail:
         if follower not in subs:
             subs.add(follower)
             self._followers += 1
+        if self._orphans is not None and isinstance(follower, Subscription):
+            self._orphans.watch(follower)
         self.mark(follower)
 
     def remove(self, follower: Follower) -> None:
+        if self._orphans is not None and isinstance(follower, Subscription):
+            self._orphans.unwatch(follower)
         subs = self._by_stream.get(follower.stream_key)
         if subs is not None and follower in subs:
             subs.remove(follower)

@@ -1073,7 +1073,7 @@ class PostgresSessionStore:
 
     def destroy(self, session_id: str) -> None:
         if self._ours(session_id):
-            self._events.execute(sql.END_SESSION, session_id)
+            self._events.execute(sql.END_SESSION, session_id, "deleted")
 
 
 # --- the task store --------------------------------------------------------------------------

@@ -232,4 +232,4 @@ async def end_session(target: asyncpg.Pool[Any] | _Conn, session_key: str) -> No
     Retention then deletes its events once ``ended_grace`` has passed, whatever
     the TTL. Appending to an ended session still works, but those events go too.
     """
-    await target.execute(sql.END_SESSION, session_key)
+    await target.execute(sql.END_SESSION, session_key, None)

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Identity,
     Index,
+    Integer,
     LargeBinary,
     MetaData,
     Sequence,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION, JSONB
 
 from .database import EVENTS
 
@@ -55,12 +57,25 @@ sessions = Table(
     Column("key", Text, nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("ended_at", DateTime(timezone=True), nullable=True),
-    # Who a session store bound the session to (rest_framework_mcp's principal id);
-    # NULL for the SDK integration's sessions and for rows an append made.
-    Column("principal", Text, nullable=True),
-    # When a session store last saw the session in use: retention removes idle
-    # sessions, not old ones.
+    # The registry (see registry.py). NULL registered_at: never adoptable (an opening
+    # that failed, a session of a previous release, a key that is no MCP session).
+    Column("registered_at", DateTime(timezone=True), nullable=True),
+    Column("protocol_version", Text, nullable=True),
+    # The initialize request's params as the client sent them; with the version, what
+    # another worker needs to serve the session as initialized.
+    Column("handshake", JSONB, nullable=True),
+    # The authenticated principal that opened it; NULL when unauthenticated.
+    Column("owner", JSONB, nullable=True),
+    # Seconds it may stay idle; NULL: it never expires.
+    Column("idle_timeout", DOUBLE_PRECISION, nullable=True),
+    # Written in batches by the workers that serve it, and by whom last.
     Column("last_active_at", DateTime(timezone=True), nullable=True),
+    Column("active_worker", Integer, nullable=True),
+    # deleted, idle, expired or failed-open: for operators.
+    Column("ended_reason", Text, nullable=True),
+    # Who a session store bound the session to (rest_framework_mcp's principal id);
+    # NULL for the SDK integration's sessions, whose principal is in owner.
+    Column("principal", Text, nullable=True),
 )
 
 # Retention finds the ended sessions at every run; partial, so it holds only the
@@ -91,7 +106,23 @@ streams = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # The stream id when it is too long for name (see above), else NULL.
     Column("full_name", LargeBinary, nullable=True),
+    # The worker that runs the stream's request (workers.py); NULL: unknown.
+    Column("worker_id", Integer, nullable=True),
     UniqueConstraint("session_id", "name"),
+)
+
+# One row per server process that uses the store; its id is also the second key of
+# its lease, a session-level advisory lock (see sql.py).
+workers = Table(
+    "mcp_events_workers",
+    metadata,
+    Column("id", Integer, Identity(always=False), primary_key=True),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The heartbeat.
+    Column("seen_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("ended_at", DateTime(timezone=True), nullable=True),
+    Column("pid", Integer, nullable=True),
+    Column("host", Text, nullable=True),
 )
 
 events = Table(

@@ -126,6 +126,11 @@ def _positive(name: str, value: float) -> None:
         raise ConfigurationError(f"{name} must be more than 0, got {value!r}")
 
 
+# Retention waits this much longer than a session's idle timeout before it ends a
+# session nobody holds (migration 0006): the activity a worker has not written yet.
+MAX_ACTIVITY_INTERVAL = 300.0
+
+
 @dataclass(frozen=True)
 class StoreSettings(_FromEnv):
     """How a ``PostgresEventStore`` uses its database. Each setting also reads ``MCP_PG_EVENTS_<NAME>``."""
@@ -172,6 +177,24 @@ class StoreSettings(_FromEnv):
     """Seconds the writer keeps a connection between batches before giving it back to the pool."""
     tail_batch: int = 1000
     """Live subscriptions caught up per query at most."""
+    adopt_sessions: bool = True
+    """Serve a request for an MCP session that this process does not hold (another worker
+    opened it, or this one restarted since) when the session registry knows it as live and
+    the principal matches; off: such requests get the SDK's 404, as without this package.
+    Sessions are registered either way."""
+    activity_interval: float = 30.0
+    """Seconds between two writes of when the sessions this process serves were last
+    active (one statement for all of them): a session in use costs no write per request.
+    Also the slack after which another worker counts a session idle past its timeout.
+    At most 300 (retention allows that much, and more, before it ends idle sessions)."""
+    heartbeat_interval: float = 3.0
+    """Seconds between two heartbeats of this process's worker row, and between two
+    checks, while a resumed stream follows another worker's request, that its worker lives."""
+    worker_grace: float = 10.0
+    """Seconds a worker may go without a heartbeat before its lease is asked whether it
+    lives; a worker found dead has its unanswered requests ended with an error. Longer
+    than a blip of its lease connection; the time a client waits, at most, to learn
+    that the worker running its request is gone."""
 
     def __post_init__(self) -> None:
         for name in ("min_pool_size", "retry_deadline"):
@@ -180,8 +203,17 @@ class StoreSettings(_FromEnv):
             _at_least(name, getattr(self, name), 1)
         for name in ("max_inflight", "max_pending", "tail_batch"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("poll_interval", "ping_interval"):
+        for name in ("poll_interval", "ping_interval", "activity_interval", "heartbeat_interval"):
             _positive(name, getattr(self, name))
+        if self.activity_interval > MAX_ACTIVITY_INTERVAL:
+            raise ConfigurationError(
+                f"activity_interval must be at most {MAX_ACTIVITY_INTERVAL:g}, got {self.activity_interval!r}"
+            )
+        if not self.worker_grace > self.heartbeat_interval:
+            raise ConfigurationError(
+                f"worker_grace ({self.worker_grace!r}) must exceed heartbeat_interval "
+                f"({self.heartbeat_interval!r}): a live worker would be asked whether it lives"
+            )
         _at_least("notify_interval", self.notify_interval, 0)
         _at_least("writer_linger", self.writer_linger, 0)
         if self.min_pool_size > self.max_pool_size:
@@ -215,6 +247,10 @@ class StoreOptions(TypedDict, total=False):
     max_pending: int
     writer_linger: float
     tail_batch: int
+    adopt_sessions: bool
+    activity_interval: float
+    heartbeat_interval: float
+    worker_grace: float
 
 
 # Roles other than the tables' owner may ask for at most 100 partitions ahead

@@ -11,20 +11,25 @@ Advisory locks, every key this package takes (two-key form: namespace, key):
   maintainer at a time (``mcp_events_ensure_partitions``).
 - ``hashtext('mcp_events_retention')``, session-level: one retention run per
   database (``mcp_events_retention``).
+- ``(1835233382, worker id)``, session-level on the worker's lease connection:
+  held while the worker process lives (``LOCK_WORKER``); transaction-level by
+  whoever ends a dead worker's request, which fences the worker out meanwhile
+  (``WORKER_DEAD``).
 """
 
 # Find or create a session's stream; returns its key, tag and newest seq. The
-# no-op updates make RETURNING give the existing row on conflict.
+# no-op updates make RETURNING give the existing row on conflict. A new stream
+# records the worker that creates it: the one that runs its request.
 # $1 session key, $2 stream name (bytes), $3 tag for a new stream,
-# $4 the stream id in full when the name is its hash, else NULL
+# $4 the stream id in full when the name is its hash, else NULL, $5 worker id or NULL
 UPSERT_STREAM = """
 WITH session AS (
     INSERT INTO mcp_events_sessions (key) VALUES ($1)
     ON CONFLICT (key) DO UPDATE SET key = EXCLUDED.key
     RETURNING id
 )
-INSERT INTO mcp_events_streams (session_id, name, tag, full_name)
-SELECT session.id, $2, $3, $4 FROM session
+INSERT INTO mcp_events_streams (session_id, name, tag, full_name, worker_id)
+SELECT session.id, $2, $3, $4, $5 FROM session
 ON CONFLICT (session_id, name) DO UPDATE SET tag = mcp_events_streams.tag
 RETURNING id, tag,
     (SELECT max(e.seq) FROM mcp_events_events e WHERE e.stream_key = mcp_events_streams.id) AS last_seq
@@ -75,9 +80,148 @@ CROSS JOIN LATERAL (
 
 # Mark a session ended: retention then treats its events as expired once the
 # grace period has passed, whatever their age. The first end counts; ending
-# again does not push it back.
-# $1 session key
-END_SESSION = "UPDATE mcp_events_sessions SET ended_at = now() WHERE key = $1 AND ended_at IS NULL"
+# again does not push it back. Returns the row id, for the ended notification.
+# $1 session key, $2 why (deleted, idle, expired, failed-open; NULL: by the application)
+END_SESSION = """
+UPDATE mcp_events_sessions SET ended_at = now(), ended_reason = $2
+WHERE key = $1 AND ended_at IS NULL
+RETURNING id
+"""
+
+# --- the session registry (registry.py) ---
+
+# Register a session as its id first goes out: from now on any worker can serve it.
+# Once only: a registered row is never overwritten (nor its owner changed).
+# $1 session key, $2 initialize params (json text), $3 negotiated protocol version,
+# $4 owner (json text or NULL), $5 idle timeout in seconds or NULL, $6 worker id or NULL
+REGISTER_SESSION = """
+INSERT INTO mcp_events_sessions AS se
+    (key, registered_at, handshake, protocol_version, owner, idle_timeout, last_active_at, active_worker)
+VALUES ($1, now(), $2::jsonb, $3, $4::jsonb, $5, now(), $6)
+ON CONFLICT (key) DO UPDATE SET
+    registered_at = now(), handshake = EXCLUDED.handshake, protocol_version = EXCLUDED.protocol_version,
+    owner = EXCLUDED.owner, idle_timeout = EXCLUDED.idle_timeout, last_active_at = now(),
+    active_worker = EXCLUDED.active_worker
+WHERE se.registered_at IS NULL AND se.ended_at IS NULL
+RETURNING id
+"""
+
+# What a worker that does not hold a session needs to serve it, and whether it may:
+# ended, or idle past its timeout (plus the slack of batched activity writes).
+# $1 session key, $2 slack in seconds
+ADOPTABLE_SESSION = """
+SELECT id, handshake::text AS handshake, protocol_version, owner::text AS owner,
+    ended_at IS NOT NULL AS ended,
+    idle_timeout IS NOT NULL AND last_active_at < now() - make_interval(secs => idle_timeout + $2) AS expired
+FROM mcp_events_sessions
+WHERE key = $1 AND registered_at IS NOT NULL
+"""
+
+# Record when the sessions a worker serves were last active (each given as seconds
+# ago, so a batch written late still says when), and which worker said so last.
+# Returns the sessions still live: one missing has ended (or is gone).
+# $1 session keys, $2 seconds since each was active, $3 worker id or NULL
+TOUCH_SESSIONS = """
+UPDATE mcp_events_sessions se
+SET last_active_at = greatest(se.last_active_at, t.at),
+    active_worker = CASE WHEN se.last_active_at IS NULL OR t.at >= se.last_active_at
+                         THEN $3 ELSE se.active_worker END
+FROM (
+    SELECT k, now() - make_interval(secs => a) AS at FROM unnest($1::text[], $2::float8[]) AS u(k, a)
+) AS t
+WHERE se.key = t.k AND se.ended_at IS NULL
+RETURNING se.id, se.key
+"""
+
+# End a session a worker found idle past its timeout, unless another worker has
+# used it since: the newest activity was this worker's, or is that old anyway.
+# $1 session key, $2 worker id or NULL, $3 idle timeout in seconds
+END_SESSION_IF_IDLE = """
+UPDATE mcp_events_sessions SET ended_at = now(), ended_reason = 'idle'
+WHERE key = $1 AND ended_at IS NULL
+  AND (active_worker = $2 OR last_active_at IS NULL
+       OR last_active_at <= now() - make_interval(secs => $3))
+RETURNING id
+"""
+
+# Which of these sessions (row ids) ended, or are gone: after the listener was
+# down, the notifications it missed.
+# $1 session row ids
+ENDED_SESSIONS = """
+SELECT k AS id FROM unnest($1::bigint[]) AS k
+WHERE NOT EXISTS (SELECT FROM mcp_events_sessions se WHERE se.id = k AND se.ended_at IS NULL)
+"""
+
+# --- workers (workers.py) ---
+
+# A new worker's row. $1 pid, $2 host
+REGISTER_WORKER = "INSERT INTO mcp_events_workers (pid, host) VALUES ($1, $2) RETURNING id"
+
+# The worker's lease: held by its lease connection for as long as the process
+# lives; released by PostgreSQL the moment that connection ends (a kill included).
+# $1 worker id
+LOCK_WORKER = "SELECT pg_try_advisory_lock(1835233382, $1)"
+
+# The heartbeat; no row when the worker was ended or forgotten meanwhile.
+# $1 worker id
+HEARTBEAT = "UPDATE mcp_events_workers SET seen_at = now() WHERE id = $1 AND ended_at IS NULL RETURNING id"
+
+# A clean shutdown: the worker's unanswered requests will not be answered.
+# $1 worker id
+END_WORKER = "UPDATE mcp_events_workers SET ended_at = now() WHERE id = $1 AND ended_at IS NULL"
+
+# The workers among these that may be dead: ended, gone, or silent for longer than
+# the grace period (WORKER_DEAD decides).
+# $1 worker ids, $2 grace period in seconds
+SILENT_WORKERS = """
+SELECT k AS id FROM unnest($1::int[]) AS k
+WHERE NOT EXISTS (
+    SELECT FROM mcp_events_workers w
+    WHERE w.id = k AND w.ended_at IS NULL AND w.seen_at >= now() - make_interval(secs => $2)
+)
+"""
+
+# Inside the transaction that ends a dead worker's request: is it dead? Ended or
+# forgotten: yes; heard from within the grace period: no; else its lease says, at
+# once. CASE, because SQL promises no order for AND/OR: the lock is only tried
+# last, and, when granted, keeps the worker from taking its lease back until commit.
+# $1 worker id, $2 grace period in seconds
+WORKER_DEAD = """
+SELECT CASE
+    WHEN w.id IS NULL OR w.ended_at IS NOT NULL THEN true
+    WHEN w.seen_at >= now() - make_interval(secs => $2) THEN false
+    ELSE pg_try_advisory_xact_lock(1835233382, w.id)
+END
+FROM (SELECT $1::int AS k) AS x
+LEFT JOIN mcp_events_workers w ON w.id = x.k
+"""
+
+# The stream's append lock, as APPEND_BATCH takes it: whoever writes into a stream
+# holds it until commit. $1 stream key
+LOCK_STREAM = "SELECT pg_advisory_xact_lock(1835233381, hashint8($1::bigint))"
+
+# A request stream as its orphan closer needs it, locked: its worker, its name, and
+# its newest message. No row for a stream of an ended session.
+# $1 stream key
+ORPHAN_STREAM = """
+SELECT st.worker_id, st.name,
+    (SELECT e.message FROM mcp_events_events e
+     WHERE e.stream_key = st.id AND e.message IS NOT NULL
+     ORDER BY e.seq DESC LIMIT 1) AS last_message
+FROM mcp_events_streams st
+JOIN mcp_events_sessions se ON se.id = st.session_id
+WHERE st.id = $1 AND se.ended_at IS NULL
+FOR UPDATE OF st
+"""
+
+# The error that ends a dead worker's request, stored like any event; the stream
+# then names no worker, so no one closes it twice.
+# $1 stream key, $2 message bytes
+CLOSE_ORPHAN = """
+WITH closed AS (UPDATE mcp_events_streams SET worker_id = NULL WHERE id = $1)
+INSERT INTO mcp_events_events (stream_key, seq, message) VALUES ($1, nextval('mcp_events_seq'), $2)
+RETURNING seq
+"""
 
 # Which of these streams still exist (retention removes empty ones).
 # $1 stream keys
@@ -98,13 +242,13 @@ WHERE pid = $1 AND usename = current_user AND datname = current_database()
 """
 
 # Resolve a replay cursor: the stream's id (in full, also when the indexed name is
-# its hash) when the cursor event still exists and belongs to this session, and
-# the newest message at or before the cursor (a subscription whose cursor is at or
-# past the response of its request has nothing to wait for). A foreign, forged or
-# expired cursor gives no row.
+# its hash) when the cursor event still exists and belongs to this session, the
+# newest message at or before the cursor (a subscription whose cursor is at or
+# past the response of its request has nothing to wait for), and the worker that
+# runs its request. A foreign, forged or expired cursor gives no row.
 # $1 stream key, $2 seq, $3 tag, $4 session key
 CURSOR_STREAM = """
-SELECT coalesce(st.full_name, st.name) AS name,
+SELECT coalesce(st.full_name, st.name) AS name, st.worker_id,
     (SELECT e.message FROM mcp_events_events e
      WHERE e.stream_key = $1 AND e.seq <= $2 AND e.message IS NOT NULL
      ORDER BY e.seq DESC LIMIT 1) AS last_message

@@ -26,8 +26,10 @@ from .group_commit import GroupCommitWriter
 from .listener import Listener
 from .live import LiveTail, Subscription
 from .messages import dump_message
+from .registry import SessionRegistry
 from .settings import StoreSettings
 from .wakeups import Notifier
+from .workers import OrphanWatch, WorkerLease
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -77,10 +79,22 @@ class PostgresEventStore(EventStore):
         self._listener = (
             Listener(self._db, dsn=listen_dsn, ping_interval=settings.ping_interval) if listen_dsn else None
         )
+        self._lease = WorkerLease(
+            self._db,
+            dsn=settings.listen_dsn,
+            heartbeat_interval=settings.heartbeat_interval,
+            grace=settings.worker_grace,
+        )
+        self._orphans = OrphanWatch(self._db, self._lease, self._notifier, settings.heartbeat_interval)
         self._tail: LiveTail | None = None
         self.log = EventLog(
-            self._db, self._writer, lambda: self.live_tail, replay_batch_size=settings.replay_batch_size
+            self._db,
+            self._writer,
+            lambda: self.live_tail,
+            replay_batch_size=settings.replay_batch_size,
+            worker=lambda: self._lease.id,
         )
+        self.registry = SessionRegistry(self._db, self._listener, self._lease, settings)
 
     @classmethod
     async def connect(
@@ -125,6 +139,8 @@ class PostgresEventStore(EventStore):
 
     async def close(self) -> None:
         """End live subscriptions, finish the writes in flight, and close the pool if the store opened it."""
+        await self.registry.stop(every_user=True)
+        await self._orphans.close()
         if self._tail is not None:
             await self._tail.close()
         if self._listener is not None:
@@ -158,8 +174,18 @@ class PostgresEventStore(EventStore):
         raise UnscopedEventStoreError(_UNSCOPED)
 
     async def end_session(self, key: str) -> None:
-        """Mark the session ``key`` ended: retention deletes its events after its ended-session grace."""
-        await self.log.end_session(key)
+        """End the session ``key`` for every worker; retention deletes its events after their grace."""
+        await self.registry.end(key, None)
+
+    @property
+    def worker(self) -> WorkerLease:
+        """This process's worker row and lease (taken while a session manager runs)."""
+        return self._lease
+
+    @property
+    def orphans(self) -> OrphanWatch:
+        """Ends the requests of dead workers that this store's subscriptions follow."""
+        return self._orphans
 
     @property
     def listener(self) -> Listener | None:
@@ -170,7 +196,7 @@ class PostgresEventStore(EventStore):
     def live_tail(self) -> LiveTail:
         """This store's subscription registry, started by the first subscription."""
         if self._tail is None:
-            self._tail = LiveTail(self._db, self._listener, self.settings)
+            self._tail = LiveTail(self._db, self._listener, self.settings, self._orphans)
         return self._tail
 
 

@@ -60,14 +60,15 @@ def streamable_app(server: Any, store: EventStore | None) -> Any:
 
 
 @asynccontextmanager
-async def serve(app: Any, port: int = 0) -> AsyncIterator[str]:
-    """Serve ``app`` on loopback (``port`` 0: any free port); yield its base URL."""
-    sock = socket.socket()
+async def serve(app: Any, port: int = 0, *, sock: socket.socket | None = None) -> AsyncIterator[str]:
+    """Serve ``app`` on loopback (``port`` 0: any free port), or on ``sock``; yield its base URL."""
+    if sock is None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
     # Accepted connections inherit it: without it, Nagle and delayed ACKs hold each
     # small SSE write on loopback for ~40 ms.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(128)
     # Clients may connect at once: the kernel queues them until uvicorn accepts.
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -197,11 +198,11 @@ class McpClient:
         headers.update(extra)
         return headers
 
-    async def initialize(self) -> list[SSE]:
+    async def initialize(self, *, capabilities: dict[str, Any] | None = None) -> list[SSE]:
         """Open the session; returns the events of the initialize request's stream."""
         params = {
             "protocolVersion": PROTOCOL_VERSION,
-            "capabilities": {},
+            "capabilities": capabilities or {},
             "clientInfo": {"name": "mcp-pg-events-demo", "version": "1"},
         }
         async with self.post({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}) as stream:
@@ -264,6 +265,15 @@ class RecordingStore:
 
     def session(self, key: str) -> EventStore:
         return _RecordingView(self, self._backing.session(key), key)
+
+    @property
+    def registry(self) -> Any:
+        """The backing store's session registry, if it keeps one: sessions then outlive their worker."""
+        return getattr(self._backing, "registry", None)
+
+    @property
+    def settings(self) -> Any:
+        return getattr(self._backing, "settings", None)
 
     async def wait_for(self, predicate: Callable[[str, dict[str, Any] | None], bool], timeout: float) -> None:
         """Wait until an event for which ``predicate(stream_id, message)`` holds has been stored."""

@@ -31,6 +31,9 @@ from .database import Database
 logger = logging.getLogger(__name__)
 
 CHANNEL = "mcp_events_v1"
+# Sessions that ended, by row id (never the session id: any role that may connect
+# may LISTEN), in the same payload format; see registry.py.
+ENDED_CHANNEL = "mcp_events_ended_v1"
 EVERY_STREAM = "*"
 # PostgreSQL refuses payloads of 8000 bytes or more.
 MAX_PAYLOAD = 7900
@@ -82,10 +85,13 @@ class Notifier:
             server; a writer committing back to back sends one per interval
             (naming every stream that changed), not one per commit. After a
             quiet spell the first one goes at once.
+        channel: where they go; another channel carries other keys the same
+            way (the ended sessions' row ids, see ``registry.py``).
     """
 
-    def __init__(self, db: Database, *, min_interval: float) -> None:
+    def __init__(self, db: Database, *, min_interval: float, channel: str = CHANNEL) -> None:
         self._db = db
+        self._channel = channel
         self._min_interval = min_interval
         self._pending: set[int] = set()
         self._task: asyncio.Task[None] | None = None
@@ -107,7 +113,7 @@ class Notifier:
                 keys, self._pending = self._pending, set()
                 self._last_sent = loop.time()
                 try:
-                    await self._db.execute(sql.NOTIFY, CHANNEL, encode(sorted(keys)), retry=False)
+                    await self._db.execute(sql.NOTIFY, self._channel, encode(sorted(keys)), retry=False)
                 except Exception as exc:  # best effort: readers catch up by query
                     logger.debug("wake-up not sent, readers will catch up: %r", exc)
         finally:

@@ -60,8 +60,11 @@ RESET mcp_events.runtime_role;
 RESET mcp_events.retention_role;
 
 -- The store: find or create sessions and streams (INSERT ... ON CONFLICT DO
--- UPDATE needs UPDATE), mark sessions ended (end_session), append and replay.
+-- UPDATE needs UPDATE), register sessions, record their activity and their end,
+-- adopt another worker's session, append and replay.
 GRANT SELECT, INSERT, UPDATE ON mcp_events_sessions, mcp_events_streams TO :"runtime_role";
+-- Each server process's row: its lease, its heartbeat, and whether another is alive.
+GRANT SELECT, INSERT, UPDATE ON mcp_events_workers TO :"runtime_role";
 GRANT SELECT, INSERT ON mcp_events_events TO :"runtime_role";
 -- nextval() in every append.
 GRANT USAGE ON SEQUENCE mcp_events_seq TO :"runtime_role";
@@ -80,8 +83,19 @@ REVOKE EXECUTE ON FUNCTION mcp_events_ensure_partitions FROM PUBLIC;
 
 -- Retention: delete expired events, then the streams and sessions left empty
 -- (UPDATE: it locks a stream or session row before removing it, so that an
--- append cannot add to it at that moment).
-GRANT SELECT, UPDATE, DELETE ON mcp_events_sessions, mcp_events_streams TO :"retention_role";
+-- append cannot add to it at that moment), and end sessions idle past their
+-- timeout. A session id is a credential, and so are the principal and the
+-- handshake of its session: retention reads none of them. The REVOKE takes back
+-- the whole-table rights that earlier versions of this file granted.
+GRANT SELECT, UPDATE, DELETE ON mcp_events_streams TO :"retention_role";
+REVOKE SELECT, UPDATE ON mcp_events_sessions FROM :"retention_role";
+GRANT SELECT (id, created_at, ended_at, registered_at, protocol_version, idle_timeout,
+              last_active_at, active_worker, ended_reason),
+      UPDATE (ended_at, ended_reason),
+      DELETE
+    ON mcp_events_sessions TO :"retention_role";
+-- Forget workers gone for longer than the ttl.
+GRANT SELECT, DELETE ON mcp_events_workers TO :"retention_role";
 GRANT SELECT, DELETE ON mcp_events_events TO :"retention_role";
 -- Expired tasks (SELECT: the DELETE finds them by expiry).
 GRANT SELECT, DELETE ON mcp_events_tasks TO :"retention_role";

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import sys
@@ -30,13 +31,18 @@ async def run_demo(*args: str, **env: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
-async def test_the_demo_resumes_a_dropped_stream_on_a_given_database(dsn: str) -> None:
+async def test_the_demo_resumes_a_dropped_stream_on_another_worker_on_a_given_database(dsn: str) -> None:
     code, out, err = await run_demo("--events", "8", "--drop-after", "3", MCP_PG_EVENTS_DSN=dsn)
     assert code == 0, out + err
+    pids = re.findall(r"^worker [AB] pid (\d+) on http", out, re.MULTILINE)
+    assert len(set(pids)) == 2, out
     assert out.count("  live ") == 3
-    assert out.count("  replayed  progress") == 5
-    assert "replayed  result: 'counted down from 8'" in out
-    assert "lost 0, doubled 0: OK" in out
+    assert out.count("  resumed   progress") == 5
+    # The tool ran on worker A; the client read the rest on worker B.
+    assert f"resumed   result: 'counted down from 8 on worker {pids[0]}'" in out
+    assert "3 live from worker A and 5 resumed on worker B; lost 0, doubled 0: OK" in out
+    # The session outlives worker A.
+    assert f"goes on without worker A: 'counted down from 2 on worker {pids[1]}'" in out
     assert err == ""
 
 

@@ -224,11 +224,11 @@ async def test_a_deleted_session_is_marked_ended_for_retention(
         assert client.session_id
         deleted = await http.delete("/mcp", headers=client._headers())
         assert deleted.status_code < 300
-    rows = await admin.fetch("SELECT key, ended_at IS NOT NULL AS ended FROM mcp_events_sessions")
-    ended = {row["key"]: row["ended"] for row in rows}
-    # The session's own scope and its provisional one (the initialize stream).
-    assert ended.pop(client.session_id) is True
-    assert len(ended) == 1 and all(ended.values())
+    rows = await admin.fetch(
+        "SELECT key, ended_at IS NOT NULL AS ended, ended_reason FROM mcp_events_sessions"
+    )
+    # One session, one row: the opening stream is filed under the session id too.
+    assert [tuple(row) for row in rows] == [(client.session_id, True, "deleted")]
 
 
 class _HookedSubscription:

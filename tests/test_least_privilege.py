@@ -175,6 +175,14 @@ DENIED_BESIDES_DDL = {
         "INSERT INTO mcp_events_sessions (key) VALUES ('mine')",
         "INSERT INTO mcp_events_events (stream_key, seq) SELECT id, 1 FROM mcp_events_streams",
         "UPDATE mcp_events_events SET message = NULL",
+        # A session id, its principal and its handshake would let it use any session.
+        "SELECT key FROM mcp_events_sessions",
+        "SELECT owner FROM mcp_events_sessions",
+        "SELECT handshake FROM mcp_events_sessions",
+        "SELECT * FROM mcp_events_sessions",
+        "UPDATE mcp_events_sessions SET owner = NULL",
+        "UPDATE mcp_events_sessions SET key = 'mine'",
+        "INSERT INTO mcp_events_workers (pid) VALUES (1)",
     ],
 }
 
@@ -258,6 +266,13 @@ FROM pg_database d
 CROSS JOIN LATERAL aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
 LEFT JOIN pg_roles g ON g.oid = a.grantee
 WHERE d.datname = current_database() AND a.grantee <> d.datdba
+UNION ALL
+SELECT coalesce(g.rolname, ''), c.relname || '.' || t.attname, a.privilege_type
+FROM pg_attribute t
+JOIN pg_class c ON c.oid = t.attrelid
+CROSS JOIN LATERAL aclexplode(t.attacl) a
+LEFT JOIN pg_roles g ON g.oid = a.grantee
+WHERE c.relname LIKE 'mcp\\_events\\_%' AND t.attacl IS NOT NULL AND a.grantee <> c.relowner
 """
 
 
@@ -265,8 +280,12 @@ async def privileges(conn: asyncpg.Connection) -> set[tuple[str, str, str]]:
     return {(r["grantee"], r["object"], r["privilege"]) for r in await conn.fetch(PRIVILEGES)}
 
 
+# One privilege as the docs write it: ``SELECT``, or ``SELECT (a, b)`` for some columns only.
+_PRIVILEGE = re.compile(r"([A-Z]+)(?: \(([^)]*)\))?")
+
+
 def documented_privileges(runtime: str, retention: str) -> set[tuple[str, str, str]]:
-    """The table of docs/operations.md's "Roles and grants", as (role, object, privilege)."""
+    """The table of docs/operations.md's "Roles and grants", as (role, object or table.column, privilege)."""
     section = OPERATIONS.read_text().split("## Roles and grants", 1)[1].split("\n## ", 1)[0]
     role_names = {"runtime": runtime, "retention": retention}
     documented = set()
@@ -275,10 +294,14 @@ def documented_privileges(runtime: str, retention: str) -> set[tuple[str, str, s
         if len(cells) != 3 or cells[0] not in role_names:
             continue
         granted, _, objects = cells[1].partition(" on ")
-        privileges = [p for quoted in re.findall(r"`([^`]+)`", granted) for p in quoted.split(", ")]
+        privileges = [m for quoted in re.findall(r"`([^`]+)`", granted) for m in _PRIVILEGE.findall(quoted)]
         names = ["database"] if objects == "the database" else re.findall(r"`([^`]+)`", objects)
         assert privileges and names, line
-        documented |= {(role_names[cells[0]], name, p) for name in names for p in privileges}
+        for privilege, columns in privileges:
+            targets = (
+                [f"{name}.{column}" for name in names for column in columns.split(", ")] if columns else names
+            )
+            documented |= {(role_names[cells[0]], target, privilege) for target in targets}
     return documented
 
 
@@ -480,7 +503,10 @@ FAKE_SEQUENCE = [
 FAKE_TABLES = {
     "mcp_events_events": "stream_key bigint, seq bigint, created_at timestamptz, message bytea",
     "mcp_events_streams": "id bigint, session_id bigint, name bytea, tag text, created_at timestamptz",
-    "mcp_events_sessions": "id bigint, key text, created_at timestamptz, ended_at timestamptz",
+    "mcp_events_sessions": "id bigint, key text, created_at timestamptz, ended_at timestamptz, "
+    "registered_at timestamptz, idle_timeout float8, last_active_at timestamptz, ended_reason text",
+    "mcp_events_workers": "id int, seen_at timestamptz, ended_at timestamptz",
+    "mcp_events_tasks": "namespace text, task_id text, expires_at timestamptz",
     "mcp_events_alembic_version": "version_num text",
     "pg_inherits": "inhrelid oid, inhparent oid, inhseqno int, inhdetachpending bool",
     "pg_class": "oid oid, relname name, relnamespace oid, relowner oid, relkind char, relispartition bool",

@@ -14,7 +14,7 @@ import pytest
 
 from mcp_pg_events import PostgresEventStore
 
-from .deployments import Deployment, new_roles
+from .deployments import Deployment, new_roles, quote_ident
 from .mcp_http import McpClient, build_app, serve, wait_for_line
 from .messages import progress_message, request, response
 from .test_cli import run_cli, start_cli
@@ -118,8 +118,13 @@ async def test_status_as_each_role(deployment: Deployment) -> None:
         code, out, err = await run_cli("status", "--dsn", deployment.dsn(role))
         assert code == 0, f"{role}: {out}{err}"
 
-    # A role without grants cannot tell, and says why, check by check.
+    # A role that may connect but holds none of the grants cannot tell, and says
+    # why, check by check. (grants.sql takes CONNECT away from PUBLIC: an operator
+    # gives it to such a role on purpose.)
     async with new_roles(deployment.admin_dsn, "nogrants") as ((nobody,), password):
+        async with deployment.connect(deployment.owner) as owner:
+            database = await owner.fetchval("SELECT current_database()")
+            await owner.execute(f"GRANT CONNECT ON DATABASE {quote_ident(database)} TO {quote_ident(nobody)}")
         stranger = dataclasses.replace(deployment, password=password).dsn(nobody)
         code, out, err = await run_cli("status", "--dsn", stranger)
     assert code == 2, out + err
@@ -155,9 +160,11 @@ async def test_sessions_list_show_and_end_over_real_http(
         "JOIN mcp_events_sessions se ON se.id = st.session_id WHERE se.key = $1",
         busy.session_id,
     )
-    # The tool call's stream: a priming event, 5 progress notifications, the result.
-    assert listed[busy.session_id]["events"] == stored == 7
-    assert listed[busy.session_id]["streams"] == 1 and listed[busy.session_id]["bytes"] > 0
+    # One row per session: the initialize request's stream (a priming event and
+    # the response) and the tool call's (a priming event, 5 progress notifications,
+    # the result).
+    assert listed[busy.session_id]["events"] == stored == 9
+    assert listed[busy.session_id]["streams"] == 2 and listed[busy.session_id]["bytes"] > 0
 
     code, out, _ = await run_cli("sessions", "list", "--dsn", dsn)
     assert code == 0
@@ -167,10 +174,10 @@ async def test_sessions_list_show_and_end_over_real_http(
     code, out, _ = await run_cli("sessions", "show", busy.session_id, "--dsn", dsn)
     assert code == 0, out
     assert f"session          {busy.session_id}" in out
-    assert "streams          1, 7 events" in out
+    assert "streams          2, 9 events" in out
     code, out, _ = await run_cli("sessions", "show", busy.session_id, "--json", "--dsn", dsn)
-    [stream] = json.loads(out)["streams"]
-    assert stream["stream"] == "2" and stream["events"] == 7
+    streams = {stream["stream"]: stream["events"] for stream in json.loads(out)["streams"]}
+    assert streams == {"1": 2, "2": 7}
 
     code, out, _ = await run_cli("sessions", "end", busy.session_id, "--dsn", dsn)
     assert code == 0 and "ended" in out

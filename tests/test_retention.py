@@ -333,20 +333,55 @@ async def test_ended_sessions_go_after_the_grace_period(
     assert await replay(live, live_ids[0]) == ("1", [message(1)])
 
 
-async def test_empty_provisional_and_old_sessions_are_removed(
+async def test_old_empty_sessions_are_removed_unless_a_worker_may_still_hold_them(
     store: PostgresEventStore, admin: asyncpg.Connection, dsn: str
 ) -> None:
     await admin.execute(
-        "INSERT INTO mcp_events_sessions (key, created_at) VALUES "
-        "('provisional-abc', now()), ('old-empty', now() - interval '2 hours'), ('new-empty', now())"
+        "INSERT INTO mcp_events_sessions (key, created_at, registered_at, last_active_at) VALUES "
+        "('old-empty', now() - interval '2 hours', NULL, NULL), ('new-empty', now(), NULL, NULL), "
+        "('provisional-abc', now(), NULL, NULL), "
+        "('old-in-use', now() - interval '2h', now() - interval '2h', now() - interval '1 minute'), "
+        "('old-unused', now() - interval '2h', now() - interval '2h', now() - interval '90 minutes')"
     )
     await store.session("provisional-busy").store_event("1", message(0))
 
     report = await run_retention(dsn, ttl=HOUR)
 
+    # Since revision 0006 a session is one row: a key that looks provisional is no
+    # longer special. A registered session used within the ttl may be held by a
+    # worker, even with no stream left.
     assert report.sessions_removed == 2
     rows = await admin.fetch("SELECT key FROM mcp_events_sessions ORDER BY key")
-    assert [r["key"] for r in rows] == ["new-empty", "provisional-busy"]
+    assert [r["key"] for r in rows] == ["new-empty", "old-in-use", "provisional-abc", "provisional-busy"]
+
+
+async def test_registered_sessions_idle_past_their_timeout_end_and_old_workers_are_forgotten(
+    admin: asyncpg.Connection, dsn: str
+) -> None:
+    await admin.execute(
+        "INSERT INTO mcp_events_sessions (key, registered_at, idle_timeout, last_active_at) VALUES "
+        # Idle an hour with a timeout of a minute: its worker died, or lost it.
+        "('idle', now(), 60, now() - interval '1 hour'), "
+        # Within its timeout plus the slack of the workers' batched activity writes.
+        "('recent', now(), 60, now() - interval '5 minutes'), "
+        "('no-timeout', now(), NULL, now() - interval '1 hour'), "
+        "('unregistered', NULL, 60, now() - interval '1 hour')"
+    )
+    await admin.execute(
+        "INSERT INTO mcp_events_workers (pid, seen_at, ended_at) VALUES (1, now() - interval '2h', NULL), "
+        "(2, now(), NULL), (3, now() - interval '2h', now() - interval '2h')"
+    )
+    idle = await admin.fetchval("SELECT id FROM mcp_events_sessions WHERE key = 'idle'")
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await admin.add_listener("mcp_events_ended_v1", lambda *args: heard.put_nowait(args[-1]))
+
+    await run_retention(dsn, ttl=HOUR)
+
+    rows = await admin.fetch("SELECT key, ended_reason FROM mcp_events_sessions WHERE ended_at IS NOT NULL")
+    assert [tuple(r) for r in rows] == [("idle", "expired")]
+    # Workers that held it, if any, are told (by row id: never the session id).
+    assert await asyncio.wait_for(heard.get(), 10) == str(idle)
+    assert [r["pid"] for r in await admin.fetch("SELECT pid FROM mcp_events_workers")] == [2]
 
 
 # --- one run at a time, and safe to kill ---------------------------------------------------------
@@ -541,8 +576,8 @@ async def test_dry_run_changes_nothing_and_says_what_would_go(
 
     fields = ("partitions_dropped", "rows_deleted", "streams_removed", "sessions_removed", "rolled_over_to")
     assert [getattr(dry, f) for f in fields] == [getattr(real, f) for f in fields]
-    # p1; seqs 11, 12 by age, 14, 15 as the ended session's; streams c and b; ended, provisional-x
-    assert [getattr(real, f) for f in fields] == [1, 4, 2, 2, 21]
+    # p1; seqs 11, 12 by age, 14, 15 as the ended session's; streams c and b; session ended
+    assert [getattr(real, f) for f in fields] == [1, 4, 2, 1, 21]
     assert dry.bytes_freed > 0 and real.bytes_freed > 0
     assert await counts(admin) != before
 
@@ -557,7 +592,8 @@ async def test_the_sql_procedure_does_the_same_work_for_pg_cron(
     assert "mcp_events_events_p1" not in await tables(admin)
     assert await seqs(admin) == [13]
     rows = await admin.fetch("SELECT key FROM mcp_events_sessions ORDER BY key")
-    assert [r["key"] for r in rows] == ["s"]
+    # provisional-x is new, and no longer special (revision 0006).
+    assert [r["key"] for r in rows] == ["provisional-x", "s"]
     assert await admin.fetchval("SELECT mcp_events_next_seq()") == 21
 
     # Inside a transaction block it cannot commit between steps: it fails at
@@ -584,7 +620,7 @@ async def test_a_run_reports_progress_on_stderr_and_a_summary_on_stdout(
     assert code == 0, err
     assert "dropped mcp_events_events_p1" in err and "deleted 1 expired events (2 so far)" in err
     assert out.count("\n") == 1 and out.startswith("retention in ")
-    assert "1 partition dropped, 4 rows deleted, 2 streams and 2 sessions removed" in out
+    assert "1 partition dropped, 4 rows deleted, 2 streams and 1 session removed" in out
 
 
 async def test_unreachable_database_is_one_line_without_the_password() -> None:

@@ -1,7 +1,7 @@
-"""Django REST framework MCP servers: tasks, the principal and last activity of a session, retention for both.
+"""Django REST framework MCP servers: tasks, the principal of a session, retention for both.
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-03
 
 ``mcp_pg_events.rest_framework`` keeps the sessions of ``rest_framework_mcp``
@@ -10,18 +10,20 @@ tasks in a table of their own:
 
 - ``mcp_events_sessions.principal``: who the session is bound to, NULL for the
   sessions of the SDK integration and for rows made by an append;
-- ``mcp_events_sessions.last_active_at``: the last time a session store saw the
-  session in use (bumped at most once a minute), so that retention removes
-  sessions idle for the ttl instead of every session one ttl after its creation;
+- ``mcp_events_sessions.last_active_at`` (added by 0006 for the SDK's
+  sessions): a session store bumps it too, at most once a minute, so that
+  retention removes sessions idle for the ttl instead of every session one ttl
+  after its creation;
 - ``mcp_events_tasks``: one row per task, its record as JSON bytes, and when it
   expires.
 
-The retention procedure and its dry-run plan are replaced: sessions go when
-idle (``coalesce(last_active_at, created_at)``) rather than when old, and a
-last step deletes expired tasks. Their signatures do not change, so callers and
-grants stay as they are.
+The retention procedure and its dry-run plan are replaced (0006's, with these
+changes): sessions go when idle (``coalesce(last_active_at, created_at)``)
+rather than when old, a last step deletes expired tasks, and
+``partitions_ahead`` is refused past 99, as ``RetentionSettings`` refuses it.
+Their signatures do not change, so callers and grants stay as they are.
 
-Additive: two nullable columns (no rewrite, no long lock), a new table, two
+Additive: one nullable column (no rewrite, no long lock), a new table, two
 replaced routines. The previous release keeps running on it.
 """
 
@@ -31,11 +33,11 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007"
-down_revision: str | None = "0005"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# The dry-run plan of 0002, with idle sessions and expired tasks.
+# The dry-run plan of 0006, with idle sessions and expired tasks.
 PLAN = r"""
 CREATE OR REPLACE FUNCTION mcp_events_retention_plan(
     p_cutoff timestamptz,
@@ -62,6 +64,8 @@ DECLARE
     v_upper bigint;
     v_rows bigint;
     v_bytes bigint;
+    -- Workers write a session's activity in batches: how late that may be, at most.
+    v_activity_slack CONSTANT interval := interval '10 minutes';
 BEGIN
     partitions := 0;
     bytes := 0;
@@ -120,8 +124,8 @@ BEGIN
            ));
     SELECT count(*) INTO sessions
     FROM mcp_events_sessions se
-    WHERE (se.ended_at <= p_ended_cutoff OR coalesce(se.last_active_at, se.created_at) < p_cutoff
-           OR starts_with(se.key, 'provisional-'))
+    WHERE (se.ended_at <= p_ended_cutoff
+           OR (se.created_at < p_cutoff AND coalesce(se.last_active_at, se.created_at) < p_cutoff))
       AND NOT EXISTS (
           SELECT FROM mcp_events_streams st
           WHERE st.session_id = se.id
@@ -132,6 +136,12 @@ BEGIN
                  ))
       );
     RAISE NOTICE 'would remove % streams and % sessions', streams, sessions;
+    SELECT count(*) INTO v_rows FROM mcp_events_sessions se
+    WHERE se.ended_at IS NULL AND se.registered_at IS NOT NULL AND se.idle_timeout IS NOT NULL
+      AND se.last_active_at < now() - make_interval(secs => se.idle_timeout) - v_activity_slack;
+    RAISE NOTICE 'would end % sessions idle past their timeout', v_rows;
+    SELECT count(*) INTO v_rows FROM mcp_events_workers w WHERE w.seen_at < p_cutoff OR w.ended_at < p_cutoff;
+    RAISE NOTICE 'would forget % workers', v_rows;
     RAISE NOTICE 'would remove % expired tasks',
         (SELECT count(*) FROM mcp_events_tasks t WHERE t.expires_at < now());
 END
@@ -183,6 +193,8 @@ DECLARE
     v_ids bigint[];
     v_after bigint;
     v_last bigint;
+    -- Workers write a session's activity in batches: how late that may be, at most.
+    v_activity_slack CONSTANT interval := interval '10 minutes';
     v_tasks bigint := 0;
 BEGIN
     IF ttl IS NULL OR ttl < interval '0' THEN
@@ -197,8 +209,11 @@ BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be at least 1, got %', batch_size;
     END IF;
-    IF partitions_ahead IS NULL OR partitions_ahead < 1 THEN
-        RAISE EXCEPTION 'partitions_ahead must be at least 1, got %', partitions_ahead;
+    -- 99: roles other than the owner may create 100 partitions ahead
+    -- (mcp_events_ensure_partitions), and a roll-over asks for one more.
+    IF partitions_ahead IS NULL OR partitions_ahead < 1 OR partitions_ahead > 99 THEN
+        RAISE EXCEPTION 'partitions_ahead must be between 1 and 99, got %', partitions_ahead
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF lock_timeout IS NULL OR lock_timeout <= interval '0' THEN
         RAISE EXCEPTION 'lock_timeout must be positive, got %', lock_timeout;
@@ -435,10 +450,10 @@ BEGIN
         v_after := v_last;
     END LOOP;
 
-    -- Sessions with no stream left: ended ones, idle ones (no activity, or none
-    -- recorded, since the cutoff: a session store bumps last_active_at while the
-    -- session is in use), and the provisional scopes of the SDK integration
-    -- (they only ever hold a session's first streams).
+    -- Sessions with no stream left: ended ones, and those not in use within the
+    -- ttl (their last recorded activity, else their creation): no worker holds
+    -- them, and a session store (rest_framework's) records activity while one is
+    -- in use.
     v_after := 0;
     LOOP
         SELECT max(page.id) INTO v_last FROM (
@@ -448,8 +463,8 @@ BEGIN
         SELECT coalesce(array_agg(c.id), '{}') INTO v_ids FROM (
             SELECT se.id FROM mcp_events_sessions se
             WHERE se.id > v_after AND se.id <= v_last
-              AND (se.ended_at <= v_ended_cutoff OR coalesce(se.last_active_at, se.created_at) < v_cutoff
-                   OR starts_with(se.key, 'provisional-'))
+              AND (se.ended_at <= v_ended_cutoff
+                   OR (se.created_at < v_cutoff AND coalesce(se.last_active_at, se.created_at) < v_cutoff))
               AND NOT EXISTS (SELECT FROM mcp_events_streams st WHERE st.session_id = se.id)
             FOR UPDATE OF se SKIP LOCKED
         ) AS c;
@@ -468,7 +483,40 @@ BEGIN
         v_after := v_last;
     END LOOP;
 
-    -- 7. Tasks past their expiry (stamped at creation by the task store), a batch
+    -- 7. Registered sessions idle past their timeout: their worker died, or the
+    -- client went away while no worker held them, so no idle timer ends them.
+    -- Their events go at a later run, after ended_grace; workers that still hold
+    -- one (they should not) hear of it on the sessions' channel.
+    v_count := 0;
+    LOOP
+        v_ids := ARRAY(
+            SELECT se.id FROM mcp_events_sessions se
+            WHERE se.ended_at IS NULL AND se.registered_at IS NOT NULL AND se.idle_timeout IS NOT NULL
+              AND se.last_active_at < now() - make_interval(secs => se.idle_timeout) - v_activity_slack
+            ORDER BY se.id
+            LIMIT 500
+            FOR UPDATE SKIP LOCKED
+        );
+        EXIT WHEN cardinality(v_ids) = 0;
+        UPDATE mcp_events_sessions se SET ended_at = now(), ended_reason = 'expired' WHERE se.id = ANY(v_ids);
+        PERFORM pg_notify('mcp_events_ended_v1', array_to_string(v_ids, ','));
+        COMMIT;
+        v_count := v_count + cardinality(v_ids);
+    END LOOP;
+    IF v_count > 0 THEN
+        RAISE NOTICE 'ended % sessions idle past their timeout', v_count;
+    END IF;
+
+    -- 8. Workers that ended, or stopped beating, longer than the ttl ago: their
+    -- requests' streams have expired by now.
+    DELETE FROM mcp_events_workers w WHERE w.seen_at < v_cutoff OR w.ended_at < v_cutoff;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    COMMIT;
+    IF v_count > 0 THEN
+        RAISE NOTICE 'forgot % workers', v_count;
+    END IF;
+
+    -- 9. Tasks past their expiry (stamped at creation by the task store), a batch
     -- per transaction. By primary key: a worker saving a task waits for, or is
     -- waited for by, the one row it touches.
     LOOP
@@ -494,7 +542,7 @@ $$
 """
 
 # The texts these replace, to put back on downgrade.
-_PREVIOUS = "0002_retention.py"
+_PREVIOUS = "0006_session_registry.py"
 
 
 # Every function of ours runs with a fixed search_path (see 0004): the tables'
@@ -527,16 +575,13 @@ def _previous_routines() -> tuple[str, str]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return (
-        module.PLAN.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1),
-        module.RETENTION.replace("CREATE PROCEDURE", "CREATE OR REPLACE PROCEDURE", 1),
+        module.PLAN,
+        module.RETENTION,
     )
 
 
 def upgrade() -> None:
     op.add_column("mcp_events_sessions", sa.Column("principal", sa.Text(), nullable=True))
-    op.add_column(
-        "mcp_events_sessions", sa.Column("last_active_at", sa.DateTime(timezone=True), nullable=True)
-    )
     op.create_table(
         "mcp_events_tasks",
         sa.Column("namespace", sa.Text(), nullable=False),
@@ -562,5 +607,4 @@ def downgrade() -> None:
     op.execute(PIN_PLAN)
     op.drop_index("mcp_events_tasks_expires_at_idx", table_name="mcp_events_tasks")
     op.drop_table("mcp_events_tasks")
-    op.drop_column("mcp_events_sessions", "last_active_at")
     op.drop_column("mcp_events_sessions", "principal")
