@@ -54,9 +54,13 @@ async def backends_left_after_close(admin: asyncpg.Connection) -> int:
 
 
 async def kill_listener(admin: asyncpg.Connection) -> int:
-    """Terminate the store's listening connection; returns how many backends that was."""
+    """Terminate the store's listening connection; returns how many backends that was.
+
+    Returns once they have ended: a notification committed after this cannot
+    reach the old connection in its last moments, only the new one or a catch-up.
+    """
     killed: int = await admin.fetchval(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 10000)) FROM pg_stat_activity "
         "WHERE datname = current_database() AND application_name = $1",
         LISTENER_NAME,
     )
