@@ -47,8 +47,10 @@ logger = logging.getLogger(__name__)
 # The revision `mcp-pg-events migrate` brings a database to: this code's head. A
 # test checks it is the migrations' head.
 SCHEMA_REVISION = "0007"
-# The oldest revision this code runs on.
-OLDEST_SCHEMA = "0004"
+# The oldest revision this code runs on: it writes the registry's columns (0006)
+# and the rest_framework stores use the tasks table (0007). Raise it with every
+# migration the code starts to use; migrate before deploying code that needs it.
+OLDEST_SCHEMA = "0007"
 EVENTS = "mcp_events_events"
 
 NOT_MIGRATED = (

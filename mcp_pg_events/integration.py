@@ -52,7 +52,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import compat
 from .compat import SESSION_HEADER, manager_entry
 from .errors import SchemaNotReadyError, StoreUnavailableError
-from .event_log import valid_session_key
+from .event_log import short_key, valid_session_key
 from .registry import MAX_HANDSHAKE_BYTES, SessionRegistry
 from .settings import StoreSettings
 
@@ -309,7 +309,7 @@ class _Sessions:
             try:
                 await registry.end_if_idle(session_id, idle_timeout)
             except Exception as exc:  # retention ends it once it is idle past its timeout
-                logger.warning("session %s: its idle end not recorded: %r", session_id, exc)
+                logger.warning("session %s: its idle end not recorded: %r", short_key(session_id), exc)
 
     def ended_elsewhere(self, session_ids: list[str]) -> None:
         """Sessions ended by another worker (or retention): drop them, at once for new requests."""
@@ -359,7 +359,7 @@ class _Sessions:
             )
         except Exception as exc:
             # It still works here, but no other worker can serve it.
-            logger.error("session %s not registered: %r", session_id, exc)
+            logger.error("session %s not registered: %r", short_key(session_id), exc)
             return
         if row_id is not None and self.held.get(session_id) is held:
             held.row_id = row_id
@@ -380,7 +380,7 @@ class _Sessions:
             elif (end_session := getattr(self.backing, "end_session", None)) is not None:
                 await end_session(session_id)
         except Exception as exc:  # retention's TTL takes care of it then
-            logger.warning("could not mark session %s ended: %r", session_id, exc)
+            logger.warning("could not mark session %s ended: %r", short_key(session_id), exc)
 
     # --- adoption ----------------------------------------------------------------------------
 
@@ -409,7 +409,7 @@ class _Sessions:
         try:
             known = await registry.lookup(session_id)
         except (StoreUnavailableError, SchemaNotReadyError) as exc:
-            logger.warning("session %s: the registry did not answer: %r", session_id, exc)
+            logger.warning("session %s: the registry did not answer: %r", short_key(session_id), exc)
             return _error(
                 503, "The session registry is unavailable, retry later", {"Retry-After": str(RETRY_AFTER)}
             )
@@ -417,13 +417,15 @@ class _Sessions:
             return None
         if compat.requestor(scope) != known.owner:
             logger.warning(
-                "session %s presented by another principal than the one that opened it", session_id
+                "session %s presented by another principal than the one that opened it", short_key(session_id)
             )
             return None
         if known.handshake is None or known.protocol_version is None:
             return None
         if compat.initialize_params(known.handshake) is None:
-            logger.warning("session %s: its stored handshake is not valid for this SDK", session_id)
+            logger.warning(
+                "session %s: its stored handshake is not valid for this SDK", short_key(session_id)
+            )
             return None
         manager = self.manager
         if compat.at_session_limit(manager):
@@ -452,7 +454,7 @@ class _Sessions:
             owners[session_id] = known.owner
         compat.held_sessions(manager)[session_id] = transport
         registry.hold(session_id, known.row_id, write_soon=True)
-        logger.info("session %s taken over by this worker", session_id)
+        logger.info("session %s taken over by this worker", short_key(session_id))
         return None
 
 

@@ -290,6 +290,8 @@ ENSURE_PARTITIONS = "SELECT mcp_events_ensure_partitions()"
 
 # The schema version alembic recorded.
 SCHEMA_VERSION = "SELECT version_num FROM mcp_events_alembic_version"
+# Whether the version table exists: before the first migration it does not.
+HAS_SCHEMA_VERSION = "SELECT to_regclass('mcp_events_alembic_version') IS NOT NULL"
 
 # The oldest code revision a database newer than the code still serves (see
 # database.check_schema); asked only of a database newer than the code.

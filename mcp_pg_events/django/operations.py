@@ -6,18 +6,14 @@ from typing import Any
 
 from django.db import migrations
 
-from .. import migrate
-
-# The alembic version table; its absence means no schema yet.
-VERSION = "SELECT version_num FROM mcp_events_alembic_version"
-HAS_VERSION = "SELECT to_regclass('mcp_events_alembic_version') IS NOT NULL"
+from .. import migrate, sql
 
 
 def _revision(cursor: Any) -> str | None:
-    cursor.execute(HAS_VERSION)
+    cursor.execute(sql.HAS_SCHEMA_VERSION)
     if not cursor.fetchone()[0]:
         return None
-    cursor.execute(VERSION)
+    cursor.execute(sql.SCHEMA_VERSION)
     row = cursor.fetchone()
     return None if row is None else str(row[0])
 
