@@ -184,6 +184,20 @@ async def test_another_worker_serves_the_session_as_initialized_as_it_was_opened
     assert await admin.fetchval("SELECT count(*) FROM mcp_events_sessions") == 1
 
 
+async def test_with_adoption_off_another_worker_answers_404_and_the_holder_goes_on(dsn: str) -> None:
+    async with (
+        in_process_worker(dsn, adopt_sessions=False) as a,
+        in_process_worker(dsn, adopt_sessions=False) as b,
+        a.client() as http_a,
+    ):
+        client = McpClient(http_a)
+        await client.initialize()
+        assert client.session_id is not None
+        assert (await probe(b.url, client.session_id))[0] == 404
+        assert not b.holds(client.session_id)
+        assert (await probe(a.url, client.session_id))[0] == 200
+
+
 async def test_unknown_deleted_expired_and_foreign_sessions_all_get_the_sdks_own_404(
     dsn: str, admin: asyncpg.Connection
 ) -> None:
