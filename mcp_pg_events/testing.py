@@ -345,12 +345,12 @@ class MemoryEventStore(EventStore):
         return MemorySessionStore(self, key)
 
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
-        raise UnscopedEventStoreError("scope it with session(key)")
+        raise UnscopedEventStoreError()
 
     async def replay_events_after(
         self, last_event_id: EventId, send_callback: EventCallback
     ) -> StreamId | None:
-        raise UnscopedEventStoreError("scope it with session(key)")
+        raise UnscopedEventStoreError()
 
 
 class MemorySessionStore(EventStore):
