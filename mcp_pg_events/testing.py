@@ -64,7 +64,11 @@ async def serve(app: Any, port: int = 0, *, sock: socket.socket | None = None) -
     """Serve ``app`` on loopback (``port`` 0: any free port), or on ``sock``; yield its base URL."""
     if sock is None:
         sock = socket.socket()
-        sock.bind(("127.0.0.1", port))
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
         sock.listen(128)
     # Accepted connections inherit it: without it, Nagle and delayed ACKs hold each
     # small SSE write on loopback for ~40 ms.
