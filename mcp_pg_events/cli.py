@@ -442,7 +442,16 @@ def _demo(args: argparse.Namespace) -> int:
         logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
         migrate.upgrade(dsn)
         say(f"schema   migrated to revision {SCHEMA_REVISION}")
-        return asyncio.run(_demo_async(dsn, args))
+        stopped_by: list[int] = []
+        try:
+            code = asyncio.run(_demo_async(dsn, args, stopped_by))
+        finally:
+            # Closing the loop set them back to the default, which ends the process at once.
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_IGN if stopped_by else _stop_on_signal)
+        if stopped_by:
+            raise _Stopped(stopped_by[0])  # the embedded server stops on the way out
+        return code
 
 
 class _Stopped(KeyboardInterrupt):
@@ -464,16 +473,34 @@ def _stop_on_signal(signum: int, frame: object) -> None:
     raise _Stopped(signum)
 
 
-async def _demo_async(dsn: str, args: argparse.Namespace) -> int:
+async def _demo_async(dsn: str, args: argparse.Namespace, stopped_by: list[int]) -> int:
     from .demo import run_demo, say, serve_forever
     from .store import PostgresEventStore
 
-    if args.serve:
-        async with await PostgresEventStore.connect(dsn) as store:
-            await serve_forever(store, args.port, args.pace)
-        return 0
-    ok = await run_demo(dsn, events=args.events, drop_after=args.drop_after, pace=args.pace, say=say)
-    return 0 if ok else 1
+    # Inside the loop a signal cancels the demo, which then stops its workers and its
+    # store; an exception raised by a signal handler would land in whichever task runs.
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+
+    def stop(signum: int) -> None:
+        if not stopped_by:  # a second signal must not cut the clean-up short
+            stopped_by.append(signum)
+            main.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        if args.serve:
+            async with await PostgresEventStore.connect(dsn) as store:
+                await serve_forever(store, args.port, args.pace)
+            return 0
+        ok = await run_demo(dsn, events=args.events, drop_after=args.drop_after, pace=args.pace, say=say)
+        return 0 if ok else 1
+    except asyncio.CancelledError:
+        if not stopped_by:
+            raise
+        return 128 + stopped_by[0]
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -462,7 +462,7 @@ async def test_a_killed_run_is_finished_by_the_next(
     while not line.startswith(b"deleted "):
         line = await asyncio.wait_for(process.stderr.readline(), 30)
         assert line, "the run ended before its first delete batch"
-    assert line.startswith(b"deleted 1 expired events"), line
+    assert line.startswith(b"deleted 1 expired event ("), line
     # Kill the command and its server process, as a node failure would.
     process.kill()
     await process.wait()
