@@ -24,15 +24,24 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import sql, wakeups
 from .database import OLDEST_SCHEMA, SCHEMA_REVISION, check_schema, connect_one
 from .dsn import DSN_ENV, FALLBACK_DSN_ENV, redact, resolve_dsn
-from .embedded import DATA_ENV, default_data_dir, embedded_postgres
+from .embedded import DATA_ENV, default_data_dir, embedded_postgres, reset_embedded
 from .errors import ConfigurationError, McpPgEventsError
 from .event_ids import format_event_id
 from .listener import LISTENER_NAME
 from .retention import counted, format_bytes, run_retention
-from .settings import MAX_PARTITIONS_AHEAD, RetentionSettings, env_name, format_duration, parse_duration
+from .settings import (
+    MAX_PARTITIONS_AHEAD,
+    RetentionSettings,
+    env_name,
+    format_duration,
+    parse_duration,
+    parse_switch,
+)
 
 # Retention's defaults, written once in settings.py.
 _RETENTION = RetentionSettings()
+# A shorter --ttl is a typo more often than a plan (`--ttl 0` deletes every event): it takes --force.
+_MIN_TTL = timedelta(minutes=5)
 
 
 def _option(
@@ -73,10 +82,62 @@ def _positive_int(text: str) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class _SwitchFromEnv:
+    """A switch's value as its environment variable gives it, read once the command is known
+    (a bad value of another command's variable must not stop this one)."""
+
+    env: str
+    text: str
+
+    def value(self) -> bool:
+        try:
+            return parse_switch(self.text)
+        except ValueError as exc:
+            raise ConfigurationError(f"{self.env}: {exc}") from None
+
+
 def _switch(parser: argparse.ArgumentParser, flag: str, env: str, help: str) -> None:
-    """An on/off flag, also on when ``env`` is set to anything but empty, 0 or false."""
-    on = os.environ.get(env, "").lower() not in ("", "0", "false", "no")
-    parser.add_argument(flag, action="store_true", default=on, help=f"{help} [env: {env}]")
+    """An on/off flag, also on when ``env`` says so: 1, true, yes, on; off: empty, 0, false, no, off."""
+    text = os.environ.get(env)
+    default: bool | _SwitchFromEnv = False if text is None else _SwitchFromEnv(env, text)
+    parser.add_argument(flag, action="store_true", default=default, help=f"{help} [env: {env}]")
+
+
+def _read_switches(args: argparse.Namespace) -> None:
+    for name, value in vars(args).items():
+        if isinstance(value, _SwitchFromEnv):
+            setattr(args, name, value.value())
+
+
+# A value of these flags that starts with "-" is theirs: argparse would take "--ttl -5m"
+# for two options and say only "expected one argument".
+_VALUE_FLAGS = (
+    "--ttl", "--partition-max-age", "--ended-grace", "--interval", "--lock-timeout",
+    "--batch-size", "--partitions-ahead", "--limit", "--events", "--drop-after", "--pace", "--port",
+)  # fmt: skip
+
+
+def _attach_dashed_values(argv: Sequence[str]) -> list[str]:
+    """``--ttl -5m`` as ``--ttl=-5m``, so that the flag's own check says what is wrong."""
+    joined: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            joined.append(word)
+            joined.extend(words)
+            break
+        if word in _VALUE_FLAGS:
+            following = next(words, None)
+            if following is not None and following.startswith("-") and following[1:2].isdigit():
+                joined.append(f"{word}={following}")
+                continue
+            joined.append(word)
+            if following is not None:
+                joined.append(following)
+            continue
+        joined.append(word)
+    return joined
 
 
 def _examples(*lines: str) -> str:
@@ -128,11 +189,21 @@ def _dsn_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _demo_dsn_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dsn",
+        default=None,
+        help=f"PostgreSQL DSN [env: {DSN_ENV}; not {FALLBACK_DSN_ENV}, the application's; "
+        "default: an embedded PostgreSQL]",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcp-pg-events",
         description="PostgreSQL event log for resumable MCP Streamable HTTP streams.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     migrate = commands.add_parser(
@@ -154,8 +225,14 @@ def _parser() -> argparse.ArgumentParser:
             "Without a DSN it runs an embedded PostgreSQL in its own folder (kept between runs)."
         ),
     )
-    _dsn_option(demo)
+    _demo_dsn_option(demo)
     _option(demo, "--data-dir", DATA_ENV, default_data_dir(), "folder of the embedded PostgreSQL", Path)
+    # No environment variable: one left set would wipe the data at every run.
+    demo.add_argument(
+        "--reset",
+        action="store_true",
+        help="stop the embedded PostgreSQL and delete its folder (--data-dir), then exit",
+    )
     _switch(
         demo,
         "--serve",
@@ -184,6 +261,13 @@ def _parser() -> argparse.ArgumentParser:
     _retention_bounds(retention)
     _switch(retention, "--dry-run", "MCP_PG_EVENTS_DRY_RUN", "print what would go and change nothing")
     _switch(retention, "--loop", "MCP_PG_EVENTS_LOOP", "keep running, once every --interval (a sidecar)")
+    _switch(
+        retention,
+        "--force",
+        "MCP_PG_EVENTS_FORCE",
+        f"run with a --ttl below {format_duration(_MIN_TTL)} (nearly every event goes, and clients can "
+        "resume only that far back)",
+    )
     _option(
         retention,
         "--batch-size",
@@ -329,10 +413,25 @@ def _demo(args: argparse.Namespace) -> int:
     from . import migrate
     from .demo import say
 
+    # Only a DSN given for it: $DATABASE_URL is the host application's database, by
+    # convention, and the demo's tables and events have no business there.
+    dsn = args.dsn or os.environ.get(DSN_ENV)
+    if args.reset:
+        if dsn:
+            raise ConfigurationError(
+                "--reset deletes the embedded PostgreSQL's folder; with a DSN the demo's tables are "
+                "in your database, for `mcp-pg-events migrate` and your own DROP"
+            )
+        gone = reset_embedded(args.data_dir)
+        say(f"deleted {args.data_dir}" if gone else f"nothing to delete: no {args.data_dir}")
+        return 0
     if not 1 <= args.drop_after < args.events:
         raise ConfigurationError(f"--drop-after must be from 1 to --events - 1 ({args.events - 1})")
-    dsn = args.dsn or os.environ.get(DSN_ENV) or os.environ.get(FALLBACK_DSN_ENV)
     with contextlib.ExitStack() as stack:
+        # SIGTERM (a service manager, kill) and SIGHUP (its terminal closed) unwind like
+        # Ctrl-C does, so that the embedded server and the workers are stopped too.
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            stack.callback(signal.signal, signum, signal.signal(signum, _stop_on_signal))
         if dsn:
             say(f"database {redact(dsn)}")
         else:
@@ -343,19 +442,65 @@ def _demo(args: argparse.Namespace) -> int:
         logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
         migrate.upgrade(dsn)
         say(f"schema   migrated to revision {SCHEMA_REVISION}")
-        return asyncio.run(_demo_async(dsn, args))
+        stopped_by: list[int] = []
+        try:
+            code = asyncio.run(_demo_async(dsn, args, stopped_by))
+        finally:
+            # Closing the loop set them back to the default, which ends the process at once.
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_IGN if stopped_by else _stop_on_signal)
+        if stopped_by:
+            raise _Stopped(stopped_by[0])  # the embedded server stops on the way out
+        return code
 
 
-async def _demo_async(dsn: str, args: argparse.Namespace) -> int:
+class _Stopped(KeyboardInterrupt):
+    """A SIGTERM or SIGHUP, raised where the program is, as Ctrl-C is.
+
+    A KeyboardInterrupt, since asyncio lets only that (and SystemExit) through the
+    task it interrupts.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signal(signum: int, frame: object) -> None:
+    # One is enough: a second signal must not cut the clean-up short.
+    for other in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(other, signal.SIG_IGN)
+    raise _Stopped(signum)
+
+
+async def _demo_async(dsn: str, args: argparse.Namespace, stopped_by: list[int]) -> int:
     from .demo import run_demo, say, serve_forever
     from .store import PostgresEventStore
 
-    if args.serve:
-        async with await PostgresEventStore.connect(dsn) as store:
-            await serve_forever(store, args.port, args.pace)
-        return 0
-    ok = await run_demo(dsn, events=args.events, drop_after=args.drop_after, pace=args.pace, say=say)
-    return 0 if ok else 1
+    # Inside the loop a signal cancels the demo, which then stops its workers and its
+    # store; an exception raised by a signal handler would land in whichever task runs.
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+
+    def stop(signum: int) -> None:
+        if not stopped_by:  # a second signal must not cut the clean-up short
+            stopped_by.append(signum)
+            main.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        if args.serve:
+            async with await PostgresEventStore.connect(dsn) as store:
+                await serve_forever(store, args.port, args.pace)
+            return 0
+        ok = await run_demo(dsn, events=args.events, drop_after=args.drop_after, pace=args.pace, say=say)
+        return 0 if ok else 1
+    except asyncio.CancelledError:
+        if not stopped_by:
+            raise
+        return 128 + stopped_by[0]
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -364,14 +509,53 @@ def _migrate(args: argparse.Namespace) -> int:
     if args.sql:
         migrate.print_sql(args.revision)
         return 0
+    known = migrate.revisions()
+    target = known[-1] if args.revision in ("head", "heads") else args.revision
+    if target not in known:
+        raise ConfigurationError(
+            f"--revision {args.revision}: no such revision; this mcp-pg-events has {known[0]} to "
+            f"{known[-1]} (head)"
+        )
     dsn = resolve_dsn(args.dsn)
-    print(f"migrating {redact(dsn)} to {args.revision}", file=sys.stderr)
-    migrate.upgrade(dsn, args.revision)
-    print("migrations done", file=sys.stderr)
+    current = asyncio.run(_schema_revision(dsn))
+    if current is not None and current not in known:
+        raise ConfigurationError(
+            f"{redact(dsn)} is at schema revision {current}, newer than this mcp-pg-events knows "
+            f"(up to {known[-1]}): nothing to migrate here; migrate with the newer mcp-pg-events"
+        )
+    if current is not None and known.index(current) >= known.index(target):
+        print(
+            f"{redact(dsn)} is at schema revision {current}"
+            + (": nothing to do" if current == target else f", past {target}: migrate only goes up"),
+            file=sys.stderr,
+        )
+        return 0
+    since = "no schema yet" if current is None else f"revision {current}"
+    print(f"migrating {redact(dsn)} from {since} to revision {target}", file=sys.stderr)
+    migrate.upgrade(dsn, target)
+    print(f"migrations done: {redact(dsn)} is at schema revision {target}", file=sys.stderr)
     return 0
 
 
+async def _schema_revision(dsn: str) -> str | None:
+    """The schema revision alembic recorded in the database; None before the first migration."""
+    conn = await connect_one(dsn, timeout=_STATUS_TIMEOUT, application_name="mcp-pg-events migrate")
+    try:
+        revision = await conn.fetchval(sql.SCHEMA_VERSION)
+    except asyncpg.UndefinedTableError:
+        revision = None
+    finally:
+        await conn.close()
+    return None if revision is None else str(revision)
+
+
 def _retention(args: argparse.Namespace) -> int:
+    if args.ttl < _MIN_TTL and not args.dry_run and not args.force:
+        raise ConfigurationError(
+            f"--ttl {format_duration(args.ttl)} is below {format_duration(_MIN_TTL)}: every event older "
+            "than that would go, and clients could resume only that far back; --dry-run shows what "
+            "would go, --force (MCP_PG_EVENTS_FORCE=1) runs it"
+        )
     dsn = resolve_dsn(args.dsn)
     return asyncio.run(_retention_async(dsn, args))
 
@@ -413,7 +597,7 @@ async def _retention_async(dsn: str, args: argparse.Namespace) -> int:
             raise
         except Exception as exc:
             # The database may come back, or be migrated, before the next run.
-            message = _describe(exc)
+            message = describe_error(exc)
             if message is None:
                 raise
             print(f"mcp-pg-events: error: {message}", file=sys.stderr, flush=True)
@@ -1141,9 +1325,20 @@ def _describe_message(data: bytes | None) -> str:
     return "(not a JSON-RPC message)"
 
 
-def _describe(exc: BaseException) -> str | None:
+def _quiet_alembic(record: logging.LogRecord) -> bool:
+    """Leave out alembic's lines about itself ("Context impl PostgresqlImpl.", "Will assume
+    transactional DDL."): the progress of `migrate` is which migrations run."""
+    return not (
+        record.name == "alembic.runtime.migration"
+        and record.getMessage().startswith(("Context impl", "Will assume"))
+    )
+
+
+def describe_error(exc: BaseException) -> str | None:
     """The one line to print for an error a user can act on; None for a bug."""
-    if isinstance(exc, McpPgEventsError):
+    from alembic.util import CommandError
+
+    if isinstance(exc, (McpPgEventsError, CommandError)):
         return str(exc)
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return f"cannot reach the database: {exc}"
@@ -1158,16 +1353,32 @@ def _describe(exc: BaseException) -> str | None:
     return None
 
 
+def _version() -> str:
+    """This package's version and the schema revision it needs, and the SDK's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"{of('mcp-pg-events')} (schema revision {SCHEMA_REVISION}; mcp {of('mcp')})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_attach_dashed_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_alembic)
     # Alembic's log says which migration runs: that is the progress of `migrate`.
     for name in ("alembic.runtime.migration", "mcp_pg_events"):
         logging.getLogger(name).setLevel(logging.INFO)
     # `retention` prints each run's summary on stdout itself.
     logging.getLogger("mcp_pg_events.retention").setLevel(logging.WARNING)
     try:
+        _read_switches(args)
         if args.command == "migrate":
             return _migrate(args)
         if args.command == "demo":
@@ -1180,6 +1391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sessions(args)
         if args.command == "tail":
             return _tail(args)
+    except _Stopped as stopped:
+        with contextlib.suppress(OSError):  # after a SIGHUP the terminal may be gone
+            print(f"mcp-pg-events: stopped by {signal.Signals(stopped.signum).name}", file=sys.stderr)
+        return 128 + stopped.signum
     except KeyboardInterrupt:
         print("mcp-pg-events: interrupted", file=sys.stderr)
         return 130
@@ -1188,7 +1403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:
-        message = _describe(exc)
+        message = describe_error(exc)
         if message is None:
             raise
         print(f"mcp-pg-events: error: {message}", file=sys.stderr)

@@ -30,6 +30,11 @@ from .testing import PROTOCOL_VERSION, SSE, McpClient, serve, streamable_app
 PROGRESS_TOKEN = "demo"  # noqa: S105
 # Seconds a worker process may take to start.
 WORKER_START = 60.0
+# Why the demo's client pins its protocol version.
+RESUMABLE_PROTOCOLS = (
+    "streams resume only on 2025-03-26 to 2025-11-25, which have sessions and Last-Event-ID; "
+    "2026-07-28 has neither (its server events come by subscriptions/listen, without replay)"
+)
 
 
 def _demo_app(store: Any, pace: float) -> Any:
@@ -111,7 +116,8 @@ async def run_demo(
         b = await stack.enter_async_context(_worker("B", dsn, pace))
         for worker in (a, b):
             say(f"worker {worker.name} pid {worker.process.pid} on {worker.url}/mcp")
-        say(f"         (mcp {MCP_MAJOR}.x, protocol {PROTOCOL_VERSION}; one database, no sticky routing)")
+        say(f"         (mcp {MCP_MAJOR}.x; one database, no sticky routing)")
+        say(f"client   speaks protocol {PROTOCOL_VERSION}: {RESUMABLE_PROTOCOLS}")
         http_a = await stack.enter_async_context(httpx.AsyncClient(base_url=a.url, timeout=30))
         http_b = await stack.enter_async_context(httpx.AsyncClient(base_url=b.url, timeout=30))
         client = McpClient(http_a)
@@ -184,6 +190,7 @@ async def serve_forever(store: Any, port: int, pace: float) -> None:
     """Run only the demo server, for an external client such as the MCP Inspector."""
     async with serve(_demo_app(store, pace), port) as url:
         say(f"server   listening on {url}/mcp (mcp {MCP_MAJOR}.x); Ctrl-C stops it")
+        say(f"         a client must ask for protocol 2025-11-25 or older: {RESUMABLE_PROTOCOLS}")
         await asyncio.Event().wait()
 
 

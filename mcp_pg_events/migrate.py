@@ -7,6 +7,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 from .dsn import resolve_dsn
 
@@ -24,9 +25,17 @@ def alembic_config(dsn: str | None = None, output_buffer: io.StringIO | None = N
     """An alembic config for the bundled migrations, on ``dsn`` (else the environment's, in env.py)."""
     config = Config(output_buffer=output_buffer)
     config.set_main_option("script_location", str(migrations_dir()))
+    # env.py turns errors into one line and an exit only under alembic's own command line.
+    config.attributes["from_code"] = True
     if dsn is not None:
         config.attributes["dsn"] = dsn
     return config
+
+
+def revisions() -> list[str]:
+    """The bundled revisions, oldest first; the last is head."""
+    script = ScriptDirectory.from_config(alembic_config())
+    return [revision.revision for revision in reversed(list(script.walk_revisions()))]
 
 
 def upgrade(dsn: str | None = None, revision: str = "head") -> None:

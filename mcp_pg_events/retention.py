@@ -15,6 +15,7 @@ gone gives ``None`` (expired), never a partial replay.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
     _Conn: TypeAlias = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
 
 logger = logging.getLogger(__name__)
+
+# The procedure's NOTICEs count in plurals ("created 1 partitions ahead"): one reads as one.
+_ONE = re.compile(r"\b1 ((?:expired |empty )?(?:partition|event|stream|session|worker|task|row))s\b")
 
 
 def format_bytes(n: int) -> str:
@@ -167,7 +171,7 @@ async def run_retention(
 
     def forward(conn: object, message: asyncpg.PostgresLogMessage) -> None:
         if progress is not None:
-            progress(str(message.message))
+            progress(_ONE.sub(r"1 \1", str(message.message)))
 
     started = time.monotonic()
     try:

@@ -33,23 +33,34 @@ def env_name(name: str) -> str:
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 # PostgreSQL's interval holds far more, but a timestamp minus this must stay a timestamp.
 MAX_DURATION = timedelta(days=365 * 1000)
+# Retention's --loop runs at most once a second.
+MIN_INTERVAL = timedelta(seconds=1)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 
 def parse_duration(text: str) -> timedelta:
-    """``90s``, ``30m``, ``1h``, ``7d``, ``1h30m``, ``500ms``, or a number of seconds."""
+    """``90s``, ``30m``, ``1h``, ``7d``, ``1h30m``, ``500ms``; ``0`` needs no unit, any other number does.
+
+    A bare number is refused rather than read as seconds (``--ttl 10`` meant 10 what?);
+    so are negative durations and any longer than ``MAX_DURATION``.
+    """
+    expected = "expected e.g. 90s, 30m, 1h, 7d; units ms, s, m, h, d, w"
     value = text.strip().lower()
-    try:
-        seconds = float(value)
-    except ValueError:
-        if not value or _DURATION_PART.sub("", value):
-            raise ValueError(f"not a duration: {text!r} (expected e.g. 90s, 30m, 1h, 7d)") from None
-        seconds = sum(float(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(value))
-    if not seconds >= 0 or seconds == float("inf"):
-        raise ValueError(f"not a duration: {text!r} (expected e.g. 90s, 30m, 1h, 7d)")
+    if value.startswith("-"):
+        raise ValueError(f"not a duration: {text!r} (durations are never negative)")
+    if _NUMBER.fullmatch(value):
+        if float(value) == 0:
+            return timedelta(0)
+        raise ValueError(f"not a duration: {text!r} has no unit ({expected})")
+    if not value or _DURATION_PART.sub("", value):
+        raise ValueError(f"not a duration: {text!r} ({expected})")
+    seconds = sum(float(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(value))
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"too long: {text!r} (at most {MAX_DURATION.days:,} days)")
     return timedelta(seconds=seconds)
 
 
@@ -301,6 +312,12 @@ class RetentionSettings(_FromEnv):
         if self.lock_timeout <= timedelta(0):
             raise ConfigurationError(
                 f"lock_timeout must be more than 0, got {format_duration(self.lock_timeout)}"
+            )
+        if self.interval < MIN_INTERVAL:
+            # Shorter, a sidecar looping on an empty database would hammer it unnoticed.
+            raise ConfigurationError(
+                f"interval must be at least {format_duration(MIN_INTERVAL)}, "
+                f"got {format_duration(self.interval)}"
             )
 
 

@@ -162,16 +162,20 @@ class PostgresEventStore(EventStore):
         await self.close()
 
     def session(self, key: str) -> SessionEventStore:
-        """The ``EventStore`` of the MCP session ``key``: it sees only that session's events."""
+        """The ``EventStore`` of the MCP session ``key``: it sees only that session's events.
+
+        ``key`` is one MCP session (its ``mcp-session-id``); a server's session manager
+        needs ``scope_sessions`` / ``PostgresSessionManager``, which make one view per session.
+        """
         return SessionEventStore(self.log, key)
 
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
-        raise UnscopedEventStoreError(_UNSCOPED)
+        raise UnscopedEventStoreError()
 
     async def replay_events_after(
         self, last_event_id: EventId, send_callback: EventCallback
     ) -> StreamId | None:
-        raise UnscopedEventStoreError(_UNSCOPED)
+        raise UnscopedEventStoreError()
 
     async def end_session(self, key: str) -> None:
         """End the session ``key`` for every worker; retention deletes its events after their grace."""
@@ -198,13 +202,6 @@ class PostgresEventStore(EventStore):
         if self._tail is None:
             self._tail = LiveTail(self._db, self._listener, self.settings, self._orphans)
         return self._tail
-
-
-_UNSCOPED = (
-    "PostgresEventStore is shared by all sessions and cannot be used as one session's EventStore: "
-    "the SDK reuses stream ids across sessions. Pass it to PostgresSessionManager(app, event_store=store), "
-    "call scope_sessions(server.session_manager), or use store.session(key)."
-)
 
 
 class SessionEventStore(EventStore):

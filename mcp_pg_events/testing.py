@@ -64,7 +64,11 @@ async def serve(app: Any, port: int = 0, *, sock: socket.socket | None = None) -
     """Serve ``app`` on loopback (``port`` 0: any free port), or on ``sock``; yield its base URL."""
     if sock is None:
         sock = socket.socket()
-        sock.bind(("127.0.0.1", port))
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
         sock.listen(128)
     # Accepted connections inherit it: without it, Nagle and delayed ACKs hold each
     # small SSE write on loopback for ~40 ms.
@@ -92,26 +96,36 @@ class SSE:
         return json.loads(self.data) if self.data else None
 
 
-async def _sse_lines(response: httpx.Response) -> AsyncIterator[str]:
-    # SSE ends lines at CR, LF or CRLF only; httpx's aiter_lines also splits at
-    # U+2028, NEL and the like, which JSON strings may hold unescaped.
-    # Between chunks, ``pending`` holds no line break but perhaps a last CR: unless
-    # that CR or the new text ends a line, there is nothing to split. (Splitting all
-    # of it at every chunk is quadratic: a 10 MB event comes in hundreds of chunks.)
-    pending = ""
-    async for text in response.aiter_text():
-        held_cr = pending.endswith("\r")
-        pending += text
-        if not held_cr and "\n" not in text and "\r" not in text:
+async def _sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of an SSE body that comes as ``chunks`` of text, without their line ends.
+
+    SSE ends lines at CR, LF or CRLF only; httpx's ``aiter_lines`` also splits at
+    U+2028, NEL and the like, which JSON strings may hold unescaped. (httpx-sse and
+    httpx2 split right, but only inside their event parsers, which drop the comment
+    lines this client waits for.) Each chunk is scanned once and the unfinished
+    line is kept as a list of parts, joined once when it ends: a 10 MB event comes
+    in hundreds of chunks, and re-scanning or re-copying what is held at every
+    chunk is quadratic.
+    """
+    held: list[str] = []  # the line begun, no line end in it
+    after_cr = False  # the last chunk ended with a CR, which may be half of a CRLF
+    async for text in chunks:
+        if not text:
             continue
-        # A CR at the end may be the first half of a CRLF split between chunks.
-        cut = len(pending) - 1 if pending.endswith("\r") else len(pending)
-        *lines, rest = _LINE_BREAK.split(pending[:cut])
-        pending = rest + pending[cut:]
-        for line in lines:
+        if after_cr and text[0] == "\n":
+            text = text[1:]
+        after_cr = text.endswith("\r")
+        pieces = _LINE_BREAK.split(text)
+        if len(pieces) == 1:
+            held.append(text)
+            continue
+        held.append(pieces[0])
+        yield "".join(held)
+        for line in pieces[1:-1]:
             yield line
-    if pending:
-        yield pending
+        held = [pieces[-1]] if pieces[-1] else []
+    if held:
+        yield "".join(held)
 
 
 class SSEStream:
@@ -119,7 +133,7 @@ class SSEStream:
 
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
-        self._lines = _sse_lines(response)
+        self._lines = _sse_lines(response.aiter_text())
 
     async def next(self) -> SSE | None:
         """The next event, or None when the server ended the stream."""
@@ -335,12 +349,12 @@ class MemoryEventStore(EventStore):
         return MemorySessionStore(self, key)
 
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
-        raise UnscopedEventStoreError("scope it with session(key)")
+        raise UnscopedEventStoreError()
 
     async def replay_events_after(
         self, last_event_id: EventId, send_callback: EventCallback
     ) -> StreamId | None:
-        raise UnscopedEventStoreError("scope it with session(key)")
+        raise UnscopedEventStoreError()
 
 
 class MemorySessionStore(EventStore):

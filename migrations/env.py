@@ -5,6 +5,7 @@ share a database (and a host application's own alembic setup) without touching i
 """
 
 import asyncio
+import sys
 from logging.config import fileConfig
 
 from alembic import context
@@ -69,7 +70,24 @@ async def _run_online() -> None:
         await engine.dispose()
 
 
-if context.is_offline_mode():
-    run_offline()
+def _run() -> None:
+    if context.is_offline_mode():
+        run_offline()
+    else:
+        asyncio.run(_run_online())
+
+
+if config.attributes.get("from_code"):
+    _run()  # mcp-pg-events migrate, migrate.upgrade(): the caller reports errors its own way
 else:
-    asyncio.run(_run_online())
+    # `alembic upgrade head`: what a user can fix in one line on stderr, not a traceback.
+    from mcp_pg_events.cli import describe_error
+
+    try:
+        _run()
+    except Exception as exc:
+        message = describe_error(exc)
+        if message is None:
+            raise
+        print(f"alembic: error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from mcp_pg_events.database import SCHEMA_REVISION
+from mcp_pg_events.dsn import redact
 
 
 async def start_cli(
@@ -91,3 +93,65 @@ async def test_help_shows_the_environment_variables() -> None:
     code, out, _ = await run_cli("migrate", "--help")
     assert code == 0
     assert "MCP_PG_EVENTS_DSN" in out and "MCP_PG_EVENTS_SQL" in out
+
+
+async def test_migrate_says_which_revision_the_database_is_at_and_keeps_alembic_quiet(
+    empty_dsn: str,
+) -> None:
+    code, _, err = await run_cli("migrate", "--revision", "0005", MCP_PG_EVENTS_DSN=empty_dsn)
+    assert code == 0, err
+    assert "from no schema yet to revision 0005\n" in err
+    assert err.endswith(f"{empty_dsn} is at schema revision 0005\n"), err
+    assert "Context impl" not in err and "Will assume" not in err
+    code, _, err = await run_cli("migrate", MCP_PG_EVENTS_DSN=empty_dsn)
+    assert code == 0, err
+    assert f"from revision 0005 to revision {SCHEMA_REVISION}" in err
+    assert "Running upgrade 0005 -> 0006" in err
+    code, _, err = await run_cli("migrate", MCP_PG_EVENTS_DSN=empty_dsn)
+    assert code == 0, err
+    assert err == f"{empty_dsn} is at schema revision {SCHEMA_REVISION}: nothing to do\n"
+
+
+async def test_migrate_to_a_revision_that_does_not_exist_is_one_line(empty_dsn: str) -> None:
+    code, _, err = await run_cli("migrate", "--revision", "0099", MCP_PG_EVENTS_DSN=empty_dsn)
+    assert code == 2
+    assert err == (
+        "mcp-pg-events: error: --revision 0099: no such revision; this mcp-pg-events has 0001 to "
+        f"{SCHEMA_REVISION} (head)\n"
+    )
+
+
+async def test_migrate_against_a_database_ahead_of_the_code_is_one_line(dsn: str) -> None:
+    ahead = f"{int(SCHEMA_REVISION) + 1:04d}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE mcp_events_alembic_version SET version_num = $1", ahead)
+    finally:
+        await conn.close()
+    code, _, err = await run_cli("migrate", "--dsn", dsn)
+    assert code == 2
+    assert err == (
+        f"mcp-pg-events: error: {dsn} is at schema revision {ahead}, newer than this mcp-pg-events "
+        f"knows (up to {SCHEMA_REVISION}): nothing to migrate here; migrate with the newer mcp-pg-events\n"
+    )
+
+
+async def test_a_missing_database_is_named_without_its_password(server_dsn: str) -> None:
+    from .conftest import with_database
+
+    parts = urlsplit(with_database(server_dsn, "mcp_events_no_such_db"))
+    host = parts.netloc.rsplit("@", 1)[-1]
+    missing = urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:hunter2@{host}"))
+    code, _, err = await run_cli("migrate", "--dsn", missing)
+    assert code == 2
+    assert err.startswith(f"mcp-pg-events: error: cannot connect to {redact(missing)}: "), err
+    assert "mcp_events_no_such_db" in redact(missing) and "hunter2" not in err
+
+
+async def test_version_names_the_package_the_schema_and_the_sdk() -> None:
+    from importlib.metadata import version
+
+    code, out, _ = await run_cli("--version")
+    assert code == 0
+    ours, sdk = version("mcp-pg-events"), version("mcp")
+    assert out == f"mcp-pg-events {ours} (schema revision {SCHEMA_REVISION}; mcp {sdk})\n"

@@ -276,10 +276,18 @@ class StoreContract:
         assert len(set(ids)) == len(ids)
 
     async def test_the_shared_store_refuses_to_be_one_sessions_store(self, root: Any) -> None:
-        with pytest.raises(UnscopedEventStoreError, match=r"session\("):
+        with pytest.raises(UnscopedEventStoreError) as refused:
             await root.store_event("1", None)
         with pytest.raises(UnscopedEventStoreError):
             await root.replay_events_after("1-1-aaaaaaaaaaaa", Recorder())
+        advice = str(refused.value)
+        # It points to the wiring that scopes each session ...
+        assert "scope_sessions(server.session_manager)" in advice
+        assert "PostgresSessionManager(app, event_store=store)" in advice
+        # ... and never to one session's view as a server's store: streamable_http_app(
+        # event_store=store.session("my-server")) gives every session the same scope.
+        assert "or use store.session(key)" not in advice
+        assert "ONE MCP session's" in advice and "never hand one view to a whole server" in advice
 
 
 class TestMemoryStore(StoreContract):

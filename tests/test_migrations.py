@@ -123,3 +123,18 @@ async def test_in_a_schema_named_anyhow_every_function_is_pinned_to_it_and_works
             await conn.close()
         await asyncio.to_thread(migrate.downgrade, owner_dsn, "0003")
         await asyncio.to_thread(migrate.upgrade, owner_dsn)
+
+
+async def test_alembic_upgrade_head_without_a_dsn_is_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_PG_EVENTS_") and k != "DATABASE_URL"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "alembic", "upgrade", "head",
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await process.communicate()
+    assert process.returncode == 2, err.decode()
+    assert err.decode().splitlines()[-1] == (
+        "alembic: error: no database given: pass a DSN or set MCP_PG_EVENTS_DSN (or DATABASE_URL), "
+        "e.g. postgresql://user@localhost:5432/app"
+    )
+    assert b"Traceback" not in err

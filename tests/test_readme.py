@@ -59,3 +59,22 @@ async def test_the_quickstart_example_serves_resumable_streams(dsn: str) -> None
     finally:
         process.terminate()
         await process.wait()
+
+
+def test_the_readmes_first_command_installs_into_a_venv_and_ci_runs_it_as_written() -> None:
+    readme = (ROOT / "README.md").read_text()
+    first_block = re.findall(r"```sh\n(.*?)```", readme, flags=re.DOTALL)[0]
+    first = first_block.splitlines()[0].split("#")[0].strip()
+    # pip outside a venv stops with externally-managed-environment on Debian and Ubuntu (PEP 668).
+    assert first.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install ")
+    assert first.endswith("mcp-pg-events demo")
+    ci = (ROOT / ".ci" / "run").read_text()
+    # CI takes the command from the README, so the two cannot drift apart.
+    assert "first_command=$(sed -n '/^```sh$/{n;p;q}' README.md" in ci
+    assert 'bash -c "$first_command"' in ci
+
+
+def test_the_readme_says_which_protocol_versions_resume_before_the_quickstart() -> None:
+    top = (ROOT / "README.md").read_text().split("## Quickstart")[0]
+    assert "2025-03-26, 2025-06-18 and 2025-11-25" in top and "Last-Event-ID" in top
+    assert "2026-07-28" in top and "subscriptions/listen" in top

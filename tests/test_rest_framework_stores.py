@@ -664,11 +664,11 @@ async def test_a_task_expires_after_its_ttl_and_retention_removes_it(
 
     notices: list[str] = []
     dry = await run_retention(dsn, dry_run=True, progress=notices.append)
-    assert "would remove 1 expired tasks" in notices
+    assert "would remove 1 expired task" in notices
     assert dry.dry_run
     notices.clear()
     await run_retention(dsn, progress=notices.append)
-    assert any(n.startswith("removed 1 expired tasks") for n in notices), notices
+    assert any(n.startswith("removed 1 expired task ") for n in notices), notices
     assert await admin.fetchval("SELECT array_agg(task_id) FROM mcp_events_tasks") == [forever.task_id]
 
 

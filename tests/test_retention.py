@@ -462,7 +462,7 @@ async def test_a_killed_run_is_finished_by_the_next(
     while not line.startswith(b"deleted "):
         line = await asyncio.wait_for(process.stderr.readline(), 30)
         assert line, "the run ended before its first delete batch"
-    assert line.startswith(b"deleted 1 expired events"), line
+    assert line.startswith(b"deleted 1 expired event ("), line
     # Kill the command and its server process, as a node failure would.
     process.kill()
     await process.wait()
@@ -618,7 +618,8 @@ async def test_a_run_reports_progress_on_stderr_and_a_summary_on_stdout(
         "retention", "--dsn", dsn, "--ttl", "1h", "--batch-size", "1", MCP_PG_EVENTS_ENDED_GRACE="0s"
     )
     assert code == 0, err
-    assert "dropped mcp_events_events_p1" in err and "deleted 1 expired events (2 so far)" in err
+    # One of each reads as one: the procedure's NOTICEs say "1 expired events".
+    assert "dropped mcp_events_events_p1" in err and "deleted 1 expired event (2 so far)" in err
     assert out.count("\n") == 1 and out.startswith("retention in ")
     assert "1 partition dropped, 4 rows deleted, 2 streams and 1 session removed" in out
 
@@ -645,6 +646,69 @@ async def test_bad_values_are_usage_errors() -> None:
     assert code == 2 and "--ttl: not a duration: 'soon'" in err
     code, _, err = await run_cli("retention", MCP_PG_EVENTS_BATCH_SIZE="0")
     assert code == 2 and "--batch-size" in err
+
+
+async def test_switches_from_the_environment_read_off_as_off_and_refuse_what_is_neither(
+    store: PostgresEventStore, admin: asyncpg.Connection, dsn: str
+) -> None:
+    await dry_run_setup(store, admin)
+    before = await counts(admin)
+    # "off" once meant on: a dry run that never deleted, a loop that never ended.
+    code, out, err = await asyncio.wait_for(
+        run_cli(
+            "retention", MCP_PG_EVENTS_DSN=dsn, MCP_PG_EVENTS_TTL="1h",
+            MCP_PG_EVENTS_DRY_RUN="off", MCP_PG_EVENTS_LOOP="off",
+        ),
+        60,
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("retention in ") and out.count("\n") == 1, out
+    assert "running retention every" not in err
+    assert await counts(admin) != before
+
+    for variable in ("MCP_PG_EVENTS_DRY_RUN", "MCP_PG_EVENTS_LOOP", "MCP_PG_EVENTS_FORCE"):
+        code, out, err = await run_cli("retention", MCP_PG_EVENTS_DSN=dsn, **{variable: "nope"})
+        assert code == 2 and out == ""
+        assert err.strip() == (
+            f"mcp-pg-events: error: {variable}: not on or off: 'nope' "
+            "(expected one of 1, true, yes, on / 0, false, no, off)"
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--ttl", "10"], "argument --ttl: not a duration: '10' has no unit"),
+        (["--ttl", "-5m"], "argument --ttl: not a duration: '-5m' (durations are never negative)"),
+        (["--ttl=-5m"], "argument --ttl: not a duration: '-5m' (durations are never negative)"),
+        (["--ttl", "99999999d"], "argument --ttl: too long: '99999999d' (at most 365,000 days)"),
+        (["--interval", "0s", "--loop"], "interval must be at least 1s, got 0s"),
+        (["--interval", "500ms", "--loop"], "interval must be at least 1s, got 500ms"),
+        (["--ttl", "0"], "--ttl 0s is below 5m"),
+        (["--ttl", "4m59s"], "--ttl 4m59s is below 5m"),
+    ],
+)
+async def test_durations_have_guard_rails(dsn: str, args: list[str], says: str) -> None:
+    code, out, err = await asyncio.wait_for(run_cli("retention", "--dsn", dsn, *args), 60)
+    assert code == 2 and out == "", out
+    assert says in err.splitlines()[-1], err
+    assert "Traceback" not in err
+
+
+async def test_a_ttl_below_five_minutes_runs_when_forced_or_dry(
+    store: PostgresEventStore, admin: asyncpg.Connection, dsn: str
+) -> None:
+    view = store.session("s")
+    for i in range(3):
+        await view.store_event("1", message(i))
+    code, out, err = await run_cli("retention", "--dsn", dsn, "--ttl", "0", "--dry-run")
+    assert code == 0, err
+    assert out.startswith("dry run in ")
+    code, out, err = await run_cli("retention", "--dsn", dsn, "--ttl", "1m", MCP_PG_EVENTS_FORCE="1")
+    assert code == 0, err
+    code, out, err = await run_cli("retention", "--dsn", dsn, "--ttl", "0", "--force")
+    assert code == 0, err
+    assert out.startswith("retention in ")
 
 
 async def test_help_shows_every_environment_variable() -> None:
@@ -674,14 +738,20 @@ async def test_loop_runs_until_sigterm(dsn: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90", 90), ("90s", 90), ("30m", 1800), ("1h", 3600), ("7d", 604800), ("1h30m", 5400), ("250ms", 0.25)],
+    [("0", 0), ("90s", 90), ("30m", 1800), ("1h", 3600), ("7d", 604800), ("1h30m", 5400), ("250ms", 0.25)],
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == timedelta(seconds=seconds)
     assert parse_duration(format_duration(parse_duration(text))) == parse_duration(text)
 
 
-@pytest.mark.parametrize("text", ["", "soon", "-1h", "1x", "h", "1h-", "inf", "nan"])
+@pytest.mark.parametrize("text", ["", "soon", "-1h", "1x", "h", "1h-", "inf", "nan", "90", "1.5", "-0"])
 def test_not_durations(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["365001d", "99999999d", "9" * 400 + "s"])
+def test_durations_past_what_a_timestamp_can_lose_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match=r"too long: .* \(at most 365,000 days\)"):
         parse_duration(text)
