@@ -16,9 +16,9 @@ from .errors import (
 from .settings import RetentionSettings, StoreSettings
 
 if TYPE_CHECKING:
+    from .bus import PostgresSubscriptionBus
     from .database import keep_session_state
     from .integration import PostgresSessionManager, SessionScopedStore, scope_sessions
-    from .bus import PostgresSubscriptionBus
     from .live import Subscription
     from .retention import RetentionReport, end_session, run_retention
     from .store import PostgresEventStore, SessionEventStore

@@ -146,7 +146,9 @@ class PostgresSubscriptionBus:
         self.delivered = 0
 
     @classmethod
-    async def from_store(cls, store: PostgresEventStore, *, namespace: str = "default") -> PostgresSubscriptionBus:
+    async def from_store(
+        cls, store: PostgresEventStore, *, namespace: str = "default"
+    ) -> PostgresSubscriptionBus:
         """A bus started on an open store, which it borrows and leaves open."""
         bus = cls(namespace=namespace)
         await bus.start(store)
@@ -283,7 +285,7 @@ class PostgresSubscriptionBus:
                     try:
                         listener(event)
                     except Exception:  # one listener's failure is its own
-                        logger.exception("subscription bus: a listener raised; the others still get the event")
+                        logger.exception("subscription bus: a listener raised; the others get the event")
 
     async def _watch_stream(self) -> None:
         # Retention removes a stream that stayed empty past the ttl; the next

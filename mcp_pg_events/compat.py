@@ -555,6 +555,7 @@ __all__ = [
 
 # --- one-call wiring (wiring.py) ----------------------------------------------------------------
 
+
 # ASSUMES: subscription_bus_seat. An ``MCPServer`` (mcp >= 2.3) keeps its
 # ``SubscriptionBus`` in ``_subscriptions`` (every tool context reads it there, at
 # each call) and serves ``subscriptions/listen`` through a ``ListenHandler``
@@ -566,7 +567,7 @@ def subscription_bus(server: Any) -> Any | None:
 
 
 def replace_in_memory_bus(server: Any, bus: Any) -> bool:
-    """Give ``server`` ``bus`` instead of its in-memory default; False (nothing done) for a bus of the user's."""
+    """Give ``server`` ``bus`` instead of its in-memory default; False (nothing done) for a bus of its own."""
     try:
         from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
     except ImportError:  # pragma: no cover - mcp 2.0 to 2.2
@@ -617,3 +618,32 @@ def on_fastmcp_manager(entry: Any, scope: Callable[[Any], Any]) -> None:
     manager = entry.__dict__.pop("session_manager", None)
     entry.__class__ = _ScopedEntry
     entry.session_manager = manager
+
+
+# ASSUMES: fastmcp_scoped_stream_ids. Given a shared store through its own
+# ``http_app(event_store=...)``, the standalone FastMCP calls the shared store's
+# ``store_event`` with stream ids ``"{len(scope)}:{scope}:{stream_id}"`` (a fresh
+# uuid hex per transport as the scope) and its ``replay_events_after`` with the
+# client's cursor, then drops the replay unless the stream id returned carries its
+# own prefix.
+_FASTMCP_SCOPE = re.compile(r"([1-9][0-9]{0,2}):")
+# The session key a store files a FastMCP scope under: the space keeps it apart
+# from every MCP session id (visible ASCII).
+FASTMCP_SESSION_PREFIX = "fastmcp "
+
+
+def fastmcp_scope(stream_id: str) -> tuple[str, str] | None:
+    """``(scope, stream id)`` of a stream id FastMCP's session scoping made, else None."""
+    match = _FASTMCP_SCOPE.match(stream_id)
+    if match is None:
+        return None
+    start = match.end()
+    end = start + int(match[1])
+    if len(stream_id) <= end or stream_id[end] != ":":
+        return None
+    return stream_id[start:end], stream_id[end + 1 :]
+
+
+def fastmcp_stream_id(scope: str, stream_id: str) -> str:
+    """The stream id FastMCP's session scoping expects back for ``scope``."""
+    return f"{len(scope)}:{scope}:{stream_id}"

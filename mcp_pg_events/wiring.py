@@ -65,7 +65,6 @@ def with_postgres(
     *,
     path: str = "/mcp",
     subscriptions: bool = True,
-    adopt_sessions: bool | None = None,
     **options: Unpack[StoreOptions],
 ) -> Starlette:
     """A runnable ASGI app serving ``server`` with its sessions, streams and server events on PostgreSQL.
@@ -82,9 +81,8 @@ def with_postgres(
             bus started and closed with the app; one made with the SDK's
             in-memory default gets one instead; a bus of another kind is left
             alone.
-        adopt_sessions: serve sessions other workers opened (None: the store's
-            setting, ``MCP_PG_EVENTS_ADOPT_SESSIONS``, on by default).
-        options: ``StoreSettings`` fields; what they do not give comes from
+        options: ``StoreSettings`` fields (``adopt_sessions=False``: serve only the
+            sessions this process opened); what they do not give comes from
             ``MCP_PG_EVENTS_<NAME>``, else the default.
 
     The store is checked to be migrated when the app starts (``mcp-pg-events
@@ -97,7 +95,7 @@ def with_postgres(
     bus = _bus_for(server) if subscriptions else None
 
     def scope(manager: Any) -> Any:
-        scoped = scope_sessions(manager, adopt_sessions=adopt_sessions)
+        scoped = scope_sessions(manager)
         scoped.event_store = holder.get("store")
         return scoped
 

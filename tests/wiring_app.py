@@ -14,7 +14,6 @@ Tools:
 - ``tools_changed()``: publishes a tool-list change (mcp 2.x, the bus).
 """
 
-
 import asyncio
 import os
 from collections.abc import AsyncIterator
