@@ -48,7 +48,10 @@ if TYPE_CHECKING:
     from .store import PostgresEventStore
 
 try:  # mcp >= 2.3: the 2026-07-28 revision's events
-    from mcp.shared.subscriptions import ResourceUpdated, event_from_wire
+    from mcp.shared.subscriptions import (  # type: ignore[import-not-found, unused-ignore]
+        ResourceUpdated,
+        event_from_wire,
+    )
 
     HAS_SUBSCRIPTIONS = True
 except ImportError:  # pragma: no cover - depends on the installed SDK

@@ -569,7 +569,10 @@ def subscription_bus(server: Any) -> Any | None:
 def replace_in_memory_bus(server: Any, bus: Any) -> bool:
     """Give ``server`` ``bus`` instead of its in-memory default; False (nothing done) for a bus of its own."""
     try:
-        from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
+        from mcp.server.subscriptions import (  # type: ignore[import-not-found, unused-ignore]
+            InMemorySubscriptionBus,
+            ListenHandler,
+        )
     except ImportError:  # pragma: no cover - mcp 2.0 to 2.2
         return False
     if not isinstance(subscription_bus(server), InMemorySubscriptionBus):
@@ -592,7 +595,7 @@ def replace_in_memory_bus(server: Any, bus: Any) -> bool:
 def fastmcp_entry(app: Any) -> Any | None:
     """The ``StreamableHTTPASGIApp`` of a standalone FastMCP's ``http_app()``, or None."""
     try:
-        from fastmcp.server.http import StreamableHTTPASGIApp
+        from fastmcp.server.http import StreamableHTTPASGIApp  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         return None
     for route in getattr(app, "routes", ()):
