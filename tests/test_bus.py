@@ -200,3 +200,46 @@ async def test_bus_events_are_in_no_session_and_retention_drops_them(store: Post
 
 async def _never(event: Any) -> None:
     raise AssertionError(f"replayed {event!r}")
+
+
+async def test_a_bus_follows_its_stream_when_retention_removed_it_and_a_publish_made_it_again(
+    dsn: str,
+) -> None:
+    from mcp.shared.subscriptions import ResourceUpdated
+
+    from mcp_pg_events import PostgresSubscriptionBus, run_retention
+
+    got: list[Any] = []
+    arrived = asyncio.Event()
+
+    def listener(event: Any) -> None:
+        got.append(event)
+        arrived.set()
+
+    async with (
+        await PostgresEventStore.connect(dsn, poll_interval=0.2) as here,
+        await PostgresEventStore.connect(dsn) as there,
+    ):
+        bus = await PostgresSubscriptionBus.from_store(here)
+        try:
+            bus.subscribe(listener)
+            await bus.publish(ResourceUpdated(uri="test://before"))
+            await asyncio.wait_for(arrived.wait(), WAIT)
+            old = bus._follower.stream_key if bus._follower else None
+            # Everything expired: the events go, then the stream they left empty.
+            for table in ("mcp_events_events", "mcp_events_streams"):
+                await here.database.execute(f"UPDATE {table} SET created_at = now() - interval '2 days'")
+            report = await run_retention(here.database, ttl=timedelta(hours=1))
+            assert report.streams_removed == 1
+            arrived.clear()
+            # Another worker publishes: its append makes the stream again, under a new key.
+            other = await PostgresSubscriptionBus.from_store(there)
+            try:
+                await other.publish(ResourceUpdated(uri="test://after"))
+            finally:
+                await other.close()
+            await asyncio.wait_for(arrived.wait(), WAIT)
+            assert got == [ResourceUpdated(uri="test://before"), ResourceUpdated(uri="test://after")]
+            assert bus._follower is not None and bus._follower.stream_key != old
+        finally:
+            await bus.close()
