@@ -577,11 +577,11 @@ def replace_in_memory_bus(server: Any, bus: Any) -> bool:
         return False
     if not isinstance(subscription_bus(server), InMemorySubscriptionBus):
         return False
-    server._subscriptions = bus
     entry = server._lowlevel_server._request_handlers.get("subscriptions/listen")
     handler = getattr(entry, "handler", None)
-    if isinstance(handler, ListenHandler):
-        handler._bus = bus
+    if not isinstance(handler, ListenHandler):
+        return False  # MCPServer(subscriptions=False): nobody listens, nothing to carry
+    server._subscriptions = handler._bus = bus
     return True
 
 

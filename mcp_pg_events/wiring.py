@@ -79,8 +79,8 @@ def with_postgres(
             revision) from a ``PostgresSubscriptionBus`` on the same store. A
             server made with ``subscriptions=PostgresSubscriptionBus()`` has its
             bus started and closed with the app; one made with the SDK's
-            in-memory default gets one instead; a bus of another kind is left
-            alone.
+            in-memory default gets one instead; a bus of another kind, or a
+            server made with ``subscriptions=False``, is left alone.
         options: ``StoreSettings`` fields (``adopt_sessions=False``: serve only the
             sessions this process opened); what they do not give comes from
             ``MCP_PG_EVENTS_<NAME>``, else the default.

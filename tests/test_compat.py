@@ -439,6 +439,8 @@ needs_subscriptions = pytest.mark.skipif(
 def test_subscription_bus_seat() -> None:
     from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 
+    from mcp_pg_events.compat import Server
+
     server = compat.new_server("seat", None)
     default = compat.subscription_bus(server)
     assert isinstance(default, InMemorySubscriptionBus)
@@ -447,10 +449,13 @@ def test_subscription_bus_seat() -> None:
     other = InMemorySubscriptionBus()
     assert compat.replace_in_memory_bus(server, other)
     assert compat.subscription_bus(server) is other and entry.handler._bus is other
-    # A bus of the user's own stays.
+    # A bus of the user's own stays, and a server that serves no listen streams needs none.
     server = compat.new_server("own", None)
     server._subscriptions = object()
     assert not compat.replace_in_memory_bus(server, other)
+    server = Server("unserved", subscriptions=False)
+    assert not compat.replace_in_memory_bus(server, other)
+    assert compat.subscription_bus(server) is not other
 
 
 @needs_fastmcp
