@@ -136,6 +136,7 @@ def uri(phase: str, publisher: int, index: int) -> str:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    load_at_start = os.getloadavg()
     per_process = args.listeners // 2
     expected = args.warmup + args.events + args.burst
     async with scratch_database(args.dsn) as dsn:
@@ -193,6 +194,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "rate": args.rate,
             "burst": args.burst,
             "publishers": args.publishers,
+            "load_average_at_start": load_at_start,
             "load_average": os.getloadavg(),
         },
         "latency": {**latency_summary(latencies), "samples": len(latencies)},
@@ -209,11 +211,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 def render(results: dict[str, Any]) -> str:
     c, lat, tp = results["config"], results["latency"], results["throughput"]
     com = results["after_commit"]
+    start = ", ".join(f"{x:.2f}" for x in c["load_average_at_start"])
     load = ", ".join(f"{x:.2f}" for x in c["load_average"])
     return "\n".join(
         [
             describe_environment(c),
-            f"{c['listeners']} listeners over 2 processes, publisher in a third; load average {load}",
+            f"{c['listeners']} listeners over 2 processes, publisher in a third; "
+            f"load average (1, 5, 15 min) at the start {start}, at the end {load}",
             "",
             "| publish-to-delivery | p50 ms | p99 ms | max ms | samples |",
             "| --- | ---: | ---: | ---: | ---: |",

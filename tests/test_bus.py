@@ -15,11 +15,12 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from mcp_pg_events import PostgresEventStore
 from mcp_pg_events.listener import LISTENER_NAME
-from mcp_pg_events.testing import McpClient
+from mcp_pg_events.testing import McpClient, serve
 
 from .worker_processes import WorkerProcess, listening_socket
 
@@ -137,7 +138,6 @@ async def test_nothing_published_while_the_listener_is_down_is_lost(
 
 async def test_a_2025_11_25_client_and_a_2026_07_28_client_on_one_server(dsn: str) -> None:
     # Resumable streams through the store, listen streams through the bus: one server, one database.
-    import httpx
     from mcp.shared.subscriptions import ResourceUpdated
 
     async with (
@@ -243,3 +243,31 @@ async def test_a_bus_follows_its_stream_when_retention_removed_it_and_a_publish_
             assert bus._follower is not None and bus._follower.stream_key != old
         finally:
             await bus.close()
+
+
+async def test_a_bus_made_at_import_time_runs_with_the_app_or_on_a_store_of_its_own(dsn: str) -> None:
+    from mcp.server.mcpserver import MCPServer
+    from mcp.shared.subscriptions import ToolsListChanged
+
+    from mcp_pg_events import PostgresSubscriptionBus, with_postgres
+
+    bus = PostgresSubscriptionBus(namespace="imported")  # no loop, no database yet
+    with pytest.raises(RuntimeError, match="not started"):
+        await bus.publish(ToolsListChanged())
+    app = with_postgres(MCPServer("imported", subscriptions=bus), dsn)
+    assert app.state.subscriptions is bus
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=WAIT) as http:
+        await McpClient(http).initialize()  # served: the lifespan has run
+        assert bus.started and bus.store is app.state.store
+    assert not bus.started
+
+    # Started by hand: a store of its own, from the DSN, closed with the bus.
+    got: list[Any] = []
+    arrived = asyncio.Event()
+    async with PostgresSubscriptionBus(dsn, namespace="imported") as own:
+        own.subscribe(lambda event: (got.append(event), arrived.set()))
+        await own.publish(ToolsListChanged())
+        await asyncio.wait_for(arrived.wait(), WAIT)
+        store = own.store
+    assert got == [ToolsListChanged()]
+    assert store is not None and store.database.pool.is_closing()
