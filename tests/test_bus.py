@@ -34,9 +34,9 @@ WAIT = 15.0
 
 
 @asynccontextmanager
-async def server_process(dsn: str) -> AsyncIterator[WorkerProcess]:
+async def server_process(dsn: str, **env: str) -> AsyncIterator[WorkerProcess]:
     sock = listening_socket()
-    worker = await WorkerProcess.start(dsn, sock, app="tests.wiring_app:app", TEST_FRAMEWORK="sdk")
+    worker = await WorkerProcess.start(dsn, sock, app="tests.wiring_app:app", TEST_FRAMEWORK="sdk", **env)
     try:
         yield worker
     finally:
@@ -52,8 +52,8 @@ async def modern_client(url: str) -> AsyncIterator[Any]:
         yield client
 
 
-async def next_event(subscription: Any) -> Any:
-    return await asyncio.wait_for(subscription.__anext__(), WAIT)
+async def next_event(subscription: Any, timeout: float = WAIT) -> Any:
+    return await asyncio.wait_for(subscription.__anext__(), timeout)
 
 
 async def test_a_listen_stream_on_one_process_gets_what_a_tool_on_another_publishes(dsn: str) -> None:
@@ -104,9 +104,12 @@ async def test_nothing_published_while_the_listener_is_down_is_lost(
     # A database cannot refuse connections from a session inside it.
     outside = await asyncpg.connect(server_dsn)
     uris = [f"test://during/{i}" for i in range(20)]
+    # Every pool connection open from the start: while the database refuses new
+    # ones, publishing and catching up go on, on the connections the pools hold.
+    full_pools = {"MCP_PG_EVENTS_MIN_POOL_SIZE": "10", "MCP_PG_EVENTS_MAX_POOL_SIZE": "10"}
     async with (
-        server_process(dsn) as a,
-        server_process(dsn) as b,
+        server_process(dsn, **full_pools) as a,
+        server_process(dsn, **full_pools) as b,
         modern_client(a.url) as on_a,
         modern_client(b.url) as on_b,
         on_b.listen(resource_subscriptions=uris) as resources,
@@ -132,7 +135,8 @@ async def test_nothing_published_while_the_listener_is_down_is_lost(
         finally:
             await outside.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
             await outside.close()
-        received = [await next_event(resources) for _ in uris]
+        # Back within the listener's reconnect backoff (5 s at most) or the poll (5 s).
+        received = [await next_event(resources, 2 * WAIT) for _ in uris]
     assert received == [ResourceUpdated(uri=uri) for uri in uris]
 
 
