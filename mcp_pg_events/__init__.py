@@ -16,11 +16,13 @@ from .errors import (
 from .settings import RetentionSettings, StoreSettings
 
 if TYPE_CHECKING:
+    from .bus import PostgresSubscriptionBus
     from .database import keep_session_state
     from .integration import PostgresSessionManager, SessionScopedStore, scope_sessions
     from .live import Subscription
     from .retention import RetentionReport, end_session, run_retention
     from .store import PostgresEventStore, SessionEventStore
+    from .wiring import with_postgres
 
 # Importing the MCP SDK takes seconds; the CLI and alembic need none of it, so the
 # names that pull it in are imported on first use.
@@ -29,6 +31,8 @@ _LAZY = {
     "SessionEventStore": "store",
     "keep_session_state": "database",
     "Subscription": "live",
+    "PostgresSubscriptionBus": "bus",
+    "with_postgres": "wiring",
     "PostgresSessionManager": "integration",
     "SessionScopedStore": "integration",
     "scope_sessions": "integration",
@@ -50,6 +54,7 @@ __all__ = [
     "McpPgEventsError",
     "PostgresEventStore",
     "PostgresSessionManager",
+    "PostgresSubscriptionBus",
     "RetentionReport",
     "RetentionSettings",
     "SchemaNotReadyError",
@@ -64,4 +69,5 @@ __all__ = [
     "keep_session_state",
     "run_retention",
     "scope_sessions",
+    "with_postgres",
 ]

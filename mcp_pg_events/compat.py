@@ -551,3 +551,102 @@ __all__ = [
     "validate_python",
     "worker_lost_error",
 ]
+
+
+# --- one-call wiring (wiring.py) ----------------------------------------------------------------
+
+
+# ASSUMES: subscription_bus_seat. An ``MCPServer`` (mcp >= 2.3) keeps its
+# ``SubscriptionBus`` in ``_subscriptions`` (every tool context reads it there, at
+# each call) and serves ``subscriptions/listen`` through a ``ListenHandler``
+# registered on its lowlevel server, which keeps the same bus in ``_bus``. The
+# in-memory default is an ``InMemorySubscriptionBus``.
+def subscription_bus(server: Any) -> Any | None:
+    """``server``'s subscription bus, or None for a server without one (mcp 1.x, the standalone FastMCP)."""
+    return getattr(server, "_subscriptions", None) if MCP_MAJOR == 2 else None
+
+
+def replace_in_memory_bus(server: Any, bus: Any) -> bool:
+    """Give ``server`` ``bus`` instead of its in-memory default; False (nothing done) for a bus of its own."""
+    try:
+        from mcp.server.subscriptions import (  # type: ignore[import-not-found, unused-ignore]
+            InMemorySubscriptionBus,
+            ListenHandler,
+        )
+    except ImportError:  # pragma: no cover - mcp 2.0 to 2.2
+        return False
+    if not isinstance(subscription_bus(server), InMemorySubscriptionBus):
+        return False
+    entry = server._lowlevel_server._request_handlers.get("subscriptions/listen")
+    handler = getattr(entry, "handler", None)
+    if not isinstance(handler, ListenHandler):
+        return False  # MCPServer(subscriptions=False): nobody listens, nothing to carry
+    server._subscriptions = handler._bus = bus
+    return True
+
+
+# ASSUMES: fastmcp_session_manager. The standalone ``fastmcp`` package's
+# ``http_app()`` routes requests to a ``StreamableHTTPASGIApp`` (its
+# ``fastmcp.server.http``), whose ``session_manager`` attribute its lifespan sets
+# to a fresh ``FastMCPStreamableHTTPSessionManager`` and then enters that
+# manager's ``run()``. That manager is a ``StreamableHTTPSessionManager`` whose
+# ``event_store`` property wraps the store it is given in its own
+# ``SessionScopedEventStore`` (prefixed stream ids, a uuid per transport).
+def fastmcp_entry(app: Any) -> Any | None:
+    """The ``StreamableHTTPASGIApp`` of a standalone FastMCP's ``http_app()``, or None."""
+    try:
+        from fastmcp.server.http import StreamableHTTPASGIApp  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    for route in getattr(app, "routes", ()):
+        endpoint = getattr(route, "endpoint", None) or getattr(route, "app", None)
+        for candidate in (endpoint, getattr(endpoint, "app", None)):
+            if isinstance(candidate, StreamableHTTPASGIApp):
+                return candidate
+    return None
+
+
+def on_fastmcp_manager(entry: Any, scope: Callable[[Any], Any]) -> None:
+    """Have ``scope(manager)`` replace each session manager ``entry`` gets, before the manager runs."""
+
+    class _ScopedEntry(type(entry)):  # type: ignore[misc]
+        @property
+        def session_manager(self) -> Any:
+            return self.__dict__.get("session_manager")
+
+        @session_manager.setter
+        def session_manager(self, manager: Any) -> None:
+            self.__dict__["session_manager"] = None if manager is None else scope(manager)
+
+    manager = entry.__dict__.pop("session_manager", None)
+    entry.__class__ = _ScopedEntry
+    entry.session_manager = manager
+
+
+# ASSUMES: fastmcp_scoped_stream_ids. Given a shared store through its own
+# ``http_app(event_store=...)``, the standalone FastMCP calls the shared store's
+# ``store_event`` with stream ids ``"{len(scope)}:{scope}:{stream_id}"`` (a fresh
+# uuid hex per transport as the scope) and its ``replay_events_after`` with the
+# client's cursor, then drops the replay unless the stream id returned carries its
+# own prefix.
+_FASTMCP_SCOPE = re.compile(r"([1-9][0-9]{0,2}):")
+# The session key a store files a FastMCP scope under: the space keeps it apart
+# from every MCP session id (visible ASCII).
+FASTMCP_SESSION_PREFIX = "fastmcp "
+
+
+def fastmcp_scope(stream_id: str) -> tuple[str, str] | None:
+    """``(scope, stream id)`` of a stream id FastMCP's session scoping made, else None."""
+    match = _FASTMCP_SCOPE.match(stream_id)
+    if match is None:
+        return None
+    start = match.end()
+    end = start + int(match[1])
+    if len(stream_id) <= end or stream_id[end] != ":":
+        return None
+    return stream_id[start:end], stream_id[end + 1 :]
+
+
+def fastmcp_stream_id(scope: str, stream_id: str) -> str:
+    """The stream id FastMCP's session scoping expects back for ``scope``."""
+    return f"{len(scope)}:{scope}:{stream_id}"

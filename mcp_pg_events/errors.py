@@ -17,7 +17,8 @@ _UNSCOPED = (
     "this store is shared by every session of a server and is not itself an EventStore: the SDK "
     "reuses stream ids across sessions, so one store for all of them would replay one session's "
     "events to another. Let the session manager give each MCP session its own view: "
-    "scope_sessions(server.session_manager) after server.streamable_http_app(event_store=store), or "
+    "serve the app with_postgres(server) returns, which does it all, or call "
+    "scope_sessions(server.session_manager) after server.streamable_http_app(event_store=store), or use "
     "PostgresSessionManager(app, event_store=store). A view, store.session(key), is ONE MCP session's "
     "(key: its mcp-session-id): never hand one view to a whole server, every session would share it."
 )

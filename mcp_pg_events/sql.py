@@ -241,6 +241,16 @@ SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity
 WHERE pid = $1 AND usename = current_user AND datname = current_database()
 """
 
+# The session a cursor's stream belongs to, for a store asked to replay without
+# being told the session (FastMCP's own session scoping, see store.py): the caller
+# accepts only sessions of the shape it made.
+# $1 stream key, $2 tag
+CURSOR_SESSION = """
+SELECT se.key FROM mcp_events_streams st
+JOIN mcp_events_sessions se ON se.id = st.session_id
+WHERE st.id = $1 AND st.tag = $2
+"""
+
 # Resolve a replay cursor: the stream's id (in full, also when the indexed name is
 # its hash) when the cursor event still exists and belongs to this session, the
 # newest message at or before the cursor (a subscription whose cursor is at or

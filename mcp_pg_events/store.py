@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
 
+from . import compat, sql
 from .database import Database, keep_session_state
 from .dsn import resolve_dsn
 from .errors import UnscopedEventStoreError
+from .event_ids import parse_event_id
 from .event_log import MAX_SESSION_KEY_LENGTH, EventLog, StreamState, valid_session_key
 from .group_commit import GroupCommitWriter
 from .listener import Listener
@@ -40,6 +42,8 @@ __all__ = ["PostgresEventStore", "SessionEventStore", "keep_session_state"]
 
 # Streams whose key, tag and lock a session view keeps in memory.
 MAX_CACHED_STREAMS = 256
+# FastMCP scopes whose session view a store keeps (their stream cache).
+MAX_FASTMCP_VIEWS = 1024
 
 
 class PostgresEventStore(EventStore):
@@ -95,6 +99,7 @@ class PostgresEventStore(EventStore):
             worker=lambda: self._lease.id,
         )
         self.registry = SessionRegistry(self._db, self._listener, self._lease, settings)
+        self._fastmcp_views: dict[str, SessionEventStore] = {}
 
     @classmethod
     async def connect(
@@ -170,12 +175,45 @@ class PostgresEventStore(EventStore):
         return SessionEventStore(self.log, key)
 
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
-        raise UnscopedEventStoreError()
+        """Refused (``UnscopedEventStoreError``), except from FastMCP's own session scoping.
+
+        FastMCP's ``http_app(event_store=store)`` wraps the store per transport
+        and calls it with stream ids that carry the transport's scope (a uuid):
+        each scope is filed as a session of its own, so sessions stay apart and
+        resume on the process that holds them. Another worker cannot adopt such a
+        session (FastMCP keeps the scope in memory): ``with_postgres(server)``
+        scopes FastMCP's sessions by their MCP session id instead.
+        """
+        scoped = compat.fastmcp_scope(stream_id)
+        if scoped is None:
+            raise UnscopedEventStoreError()
+        scope, inner = scoped
+        return await self._fastmcp_view(compat.FASTMCP_SESSION_PREFIX + scope).store_event(inner, message)
 
     async def replay_events_after(
         self, last_event_id: EventId, send_callback: EventCallback
     ) -> StreamId | None:
-        raise UnscopedEventStoreError()
+        """For FastMCP's own session scoping only: replay within the cursor's scope; None for any other."""
+        ref = parse_event_id(last_event_id)
+        if ref is None:
+            return None
+        key = await self._db.fetchval(sql.CURSOR_SESSION, ref.stream_key, ref.tag)
+        if not isinstance(key, str) or not key.startswith(compat.FASTMCP_SESSION_PREFIX):
+            return None
+        stream_id = await self._fastmcp_view(key).replay_events_after(last_event_id, send_callback)
+        if stream_id is None:
+            return None
+        # FastMCP drops the replay unless this names its own scope: a cursor of another scope replays nothing.
+        return compat.fastmcp_stream_id(key.removeprefix(compat.FASTMCP_SESSION_PREFIX), stream_id)
+
+    def _fastmcp_view(self, key: str) -> SessionEventStore:
+        view = self._fastmcp_views.pop(key, None)
+        if view is None:
+            view = SessionEventStore(self.log, key)
+            if len(self._fastmcp_views) >= MAX_FASTMCP_VIEWS:
+                del self._fastmcp_views[next(iter(self._fastmcp_views))]
+        self._fastmcp_views[key] = view  # newest last
+        return view
 
     async def end_session(self, key: str) -> None:
         """End the session ``key`` for every worker; retention deletes its events after their grace."""

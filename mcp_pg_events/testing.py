@@ -28,6 +28,7 @@ import httpx
 import uvicorn
 from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
 
+from . import compat
 from .compat import streamable_http_app
 from .errors import StreamIdTooLongError, UnscopedEventStoreError
 from .event_log import MAX_STREAM_ID_BYTES
@@ -349,12 +350,22 @@ class MemoryEventStore(EventStore):
         return MemorySessionStore(self, key)
 
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
-        raise UnscopedEventStoreError()
+        # As PostgresEventStore: only FastMCP's own session scoping may call the shared store.
+        scoped = compat.fastmcp_scope(stream_id)
+        if scoped is None:
+            raise UnscopedEventStoreError()
+        return await self.session(compat.FASTMCP_SESSION_PREFIX + scoped[0]).store_event(scoped[1], message)
 
     async def replay_events_after(
         self, last_event_id: EventId, send_callback: EventCallback
     ) -> StreamId | None:
-        raise UnscopedEventStoreError()
+        found = self._index.get(last_event_id)
+        if found is None or not found[0].startswith(compat.FASTMCP_SESSION_PREFIX):
+            return None
+        stream_id = await self.session(found[0]).replay_events_after(last_event_id, send_callback)
+        if stream_id is None:
+            return None
+        return compat.fastmcp_stream_id(found[0].removeprefix(compat.FASTMCP_SESSION_PREFIX), stream_id)
 
 
 class MemorySessionStore(EventStore):

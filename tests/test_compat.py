@@ -7,6 +7,7 @@ release changed something the package relies on: fix compat.py, not the test.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import inspect
 import json
 import re
@@ -422,3 +423,84 @@ async def test_replay_none_ends_stream(store: PostgresEventStore) -> None:
     assert [e.id for e in replayed] == [e.id for e in events[1:]]
     assert all(e.data for e in replayed)  # no priming event
     assert replayed[-1].message is not None and replayed[-1].message["id"] == request_id
+
+
+HAS_FASTMCP = importlib.util.find_spec("fastmcp") is not None
+needs_fastmcp = pytest.mark.skipif(
+    not HAS_FASTMCP, reason="the standalone fastmcp package is not installed (fastmcp 4.x needs mcp >= 2.3)"
+)
+needs_subscriptions = pytest.mark.skipif(
+    importlib.util.find_spec("mcp.shared.subscriptions") is None,
+    reason="subscriptions/listen (the 2026-07-28 revision) needs mcp >= 2.3",
+)
+
+
+@needs_subscriptions
+def test_subscription_bus_seat() -> None:
+    from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
+
+    from mcp_pg_events.compat import Server
+
+    server = compat.new_server("seat", None)
+    default = compat.subscription_bus(server)
+    assert isinstance(default, InMemorySubscriptionBus)
+    entry = server._lowlevel_server._request_handlers["subscriptions/listen"]
+    assert isinstance(entry.handler, ListenHandler) and entry.handler._bus is default
+    other = InMemorySubscriptionBus()
+    assert compat.replace_in_memory_bus(server, other)
+    assert compat.subscription_bus(server) is other and entry.handler._bus is other
+    # A bus of the user's own stays, and a server that serves no listen streams needs none.
+    server = compat.new_server("own", None)
+    server._subscriptions = object()
+    assert not compat.replace_in_memory_bus(server, other)
+    server = Server("unserved", subscriptions=False)
+    assert not compat.replace_in_memory_bus(server, other)
+    assert compat.subscription_bus(server) is not other
+
+
+@needs_fastmcp
+async def test_fastmcp_session_manager() -> None:
+    import fastmcp
+    from fastmcp.server.session_scoped_event_store import SessionScopedEventStore
+
+    app = fastmcp.FastMCP("seat").http_app(path="/mcp", transport="http")
+    entry = compat.fastmcp_entry(app)
+    assert entry is not None and entry.session_manager is None
+    seen: list[tuple[Any, Any]] = []
+
+    def scope(manager: Any) -> Any:
+        seen.append((manager, compat.task_group(manager)))
+        return manager
+
+    compat.on_fastmcp_manager(entry, scope)
+    async with app.router.lifespan_context(app):
+        ((manager, group_then),) = seen
+        # Handed over before it runs, and the one the app routes to.
+        assert isinstance(manager, StreamableHTTPSessionManager) and group_then is None
+        assert entry.session_manager is manager and compat.task_group(manager) is not None
+        manager.event_store = PostgresEventStore.__new__(PostgresEventStore)
+        assert isinstance(manager.event_store, SessionScopedEventStore)
+
+
+@needs_fastmcp
+async def test_fastmcp_scoped_stream_ids() -> None:
+    from fastmcp.server.session_scoped_event_store import SessionScopedEventStore
+
+    calls: list[str] = []
+
+    class Shared:
+        async def store_event(self, stream_id: str, message: Any) -> str:
+            calls.append(stream_id)
+            return "e1"
+
+        async def replay_events_after(self, last_event_id: str, send_callback: Any) -> str | None:
+            return calls[-1]
+
+    scope = uuid.uuid4().hex
+    view = SessionScopedEventStore(Shared(), session_id=scope)  # type: ignore[arg-type]
+    await view.store_event("_GET_stream", None)
+    assert calls == [compat.fastmcp_stream_id(scope, "_GET_stream")]
+    assert compat.fastmcp_scope(calls[0]) == (scope, "_GET_stream")
+    assert await view.replay_events_after("e1", lambda e: None) == "_GET_stream"  # type: ignore[arg-type, return-value]
+    calls.append(compat.fastmcp_stream_id(uuid.uuid4().hex, "_GET_stream"))
+    assert await view.replay_events_after("e1", lambda e: None) is None  # type: ignore[arg-type, return-value]

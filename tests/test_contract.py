@@ -279,7 +279,7 @@ class StoreContract:
         with pytest.raises(UnscopedEventStoreError) as refused:
             await root.store_event("1", None)
         with pytest.raises(UnscopedEventStoreError):
-            await root.replay_events_after("1-1-aaaaaaaaaaaa", Recorder())
+            await root.store_event("_GET_stream", None)
         advice = str(refused.value)
         # It points to the wiring that scopes each session ...
         assert "scope_sessions(server.session_manager)" in advice
@@ -288,6 +288,32 @@ class StoreContract:
         # event_store=store.session("my-server")) gives every session the same scope.
         assert "or use store.session(key)" not in advice
         assert "ONE MCP session's" in advice and "never hand one view to a whole server" in advice
+        # A session's own cursor is nothing to the shared store.
+        own = await root.session("s1").store_event("1", None)
+        await root.session("s1").store_event("1", notification("n"))
+        recorder = Recorder()
+        assert await root.replay_events_after(own, recorder) is None
+        assert await root.replay_events_after("1-1-aaaaaaaaaaaa", recorder) is None
+        assert recorder.events == []
+
+    async def test_fastmcp_scoped_stream_ids_are_sessions_of_their_own(self, root: Any) -> None:
+        # What FastMCP's SessionScopedEventStore sends the shared store: "{len}:{scope}:{stream}".
+        scope_a, scope_b = uuid.uuid4().hex, uuid.uuid4().hex
+        stream_a, stream_b = f"32:{scope_a}:1", f"32:{scope_b}:1"
+        cursor_a = await root.store_event(stream_a, None)
+        await root.store_event(stream_a, notification("for-a"))
+        cursor_b = await root.store_event(stream_b, None)
+        await root.store_event(stream_b, notification("for-b"))
+        recorder = Recorder()
+        assert await root.replay_events_after(cursor_a, recorder) == stream_a
+        assert [e.message for e in recorder.events] == [notification("for-a")]
+        # B's cursor comes back under B's scope, which FastMCP's wrapper of A drops.
+        assert await root.replay_events_after(cursor_b, Recorder()) == stream_b
+        # The scope is not an MCP session id: a session of that id sees none of it.
+        assert await root.session(scope_a).replay_events_after(cursor_a, Recorder()) is None
+        for malformed in ("33:" + scope_a + ":1", "0::1", "32:" + scope_a, "x:1"):
+            with pytest.raises(UnscopedEventStoreError):
+                await root.store_event(malformed, None)
 
 
 class TestMemoryStore(StoreContract):

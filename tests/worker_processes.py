@@ -66,15 +66,17 @@ class WorkerProcess:
         self._reading = asyncio.create_task(self._read())
 
     @classmethod
-    async def start(cls, dsn: str, sock: socket.socket, *, workers: int = 1, **env: str) -> WorkerProcess:
-        """Start serving on ``sock``; returns once every worker serves."""
+    async def start(
+        cls, dsn: str, sock: socket.socket, *, workers: int = 1, app: str = "tests.worker_app:app", **env: str
+    ) -> WorkerProcess:
+        """Start serving ``app`` on ``sock``; returns once every worker serves."""
         environment = {k: v for k, v in os.environ.items() if not k.startswith("MCP_PG_EVENTS_")}
         environment.update(FAST_WORKER_SETTINGS, MCP_PG_EVENTS_DSN=dsn, **env)
         args = ["--fd", str(sock.fileno()), "--log-level", "warning", "--timeout-graceful-shutdown", "5"]
         if workers > 1:
             args += ["--workers", str(workers)]
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "uvicorn", "tests.worker_app:app", *args,
+            sys.executable, "-m", "uvicorn", app, *args,
             cwd=ROOT, env=environment, pass_fds=[sock.fileno()],
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
