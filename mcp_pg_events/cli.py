@@ -37,6 +37,7 @@ from .settings import (
     parse_duration,
     parse_switch,
 )
+from .waiting import wait_set
 
 # Retention's defaults, written once in settings.py.
 _RETENTION = RetentionSettings()
@@ -601,8 +602,7 @@ async def _retention_async(dsn: str, args: argparse.Namespace) -> int:
             if message is None:
                 raise
             print(f"mcp-pg-events: error: {message}", file=sys.stderr, flush=True)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), settings.interval.total_seconds())
+        await wait_set(stop, settings.interval.total_seconds())
     progress("stopped")
     return 0
 

@@ -25,6 +25,7 @@ import asyncpg
 
 from . import metrics, sql
 from .database import Database
+from .waiting import wait_done
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +138,9 @@ class Listener:
                     )
                     lost_at = None
                 backoff = None
-                while True:
-                    try:
-                        await asyncio.wait_for(asyncio.shield(lost), self._ping_interval)
-                        raise ConnectionError("the listener connection closed")
-                    except asyncio.TimeoutError:
-                        await conn.fetchval(sql.PING, timeout=self._ping_interval)
+                while not await wait_done(lost, self._ping_interval):
+                    await conn.fetchval(sql.PING, timeout=self._ping_interval)
+                raise ConnectionError("the listener connection closed")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -20,7 +20,6 @@ reconnect, the holders ask which of their sessions ended meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from . import sql, wakeups
 from .database import Database
 from .event_log import valid_session_key
 from .settings import StoreSettings
+from .waiting import wait_done, wait_set
 
 if TYPE_CHECKING:
     from .listener import Listener
@@ -207,11 +207,11 @@ class SessionRegistry:
             self._echoes[payload] = echo
         try:
             await self._db.execute(sql.NOTIFY, ENDED_CHANNEL, [payload], retry=False)
-            if echo is not None:
-                # PostgreSQL signals every listener at once: once ours has it, the
-                # others' have it on its way too. (Holders that miss it find the end
-                # at their next activity write.)
-                await asyncio.wait_for(asyncio.shield(echo), ECHO_WAIT)
+            # PostgreSQL signals every listener at once: once ours has it, the
+            # others' have it on its way too. (Holders that miss it find the end
+            # at their next activity write.)
+            if echo is not None and not await wait_done(echo, ECHO_WAIT):
+                raise TimeoutError(f"no echo of the announcement within {ECHO_WAIT}s")
         except Exception as exc:  # the holders' activity writes find it
             logger.warning("sessions: the end of row %s not announced: %r", row_id, exc)
         finally:
@@ -320,8 +320,7 @@ class SessionRegistry:
         loop = asyncio.get_running_loop()
         next_write = loop.time() + self._interval
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_write - loop.time()))
+            await wait_set(self._wake, next_write - loop.time())
             self._wake.clear()
             try:
                 self.read_announcements()

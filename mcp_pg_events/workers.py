@@ -23,7 +23,6 @@ worker wrongly found dead answer after all, readers never get that far.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -36,6 +35,7 @@ from .compat import STANDALONE_STREAM, worker_lost_error
 from .database import Database, no_partition
 from .errors import ConfigurationError, SchemaNotReadyError
 from .messages import answered_request, load_message
+from .waiting import wait_set
 
 if TYPE_CHECKING:
     from .live import Subscription
@@ -93,9 +93,7 @@ class WorkerLease:
         self._users += 1
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=LEASE_NAME)
-        try:
-            await asyncio.wait_for(self._settled.wait(), wait)
-        except asyncio.TimeoutError:
+        if not await wait_set(self._settled, wait):
             logger.warning("no worker lease yet after %.0fs; serving meanwhile", wait)
 
     async def close(self, *, every_user: bool = False) -> None:
@@ -210,8 +208,7 @@ class OrphanWatch:
 
     async def _loop(self) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._due.wait(), self._interval)
+            await wait_set(self._due, self._interval)
             self._due.clear()
             if not self._watched or not self._lease.may_judge():
                 continue
