@@ -66,6 +66,37 @@ try:  # mcp 2.x: plain message types in mcp_types, one TypeAdapter for the union
         """The message whose parsed JSON is ``value``."""
         return _adapter.validate_python(value)
 
+    # ASSUMES: message_shapes. The union's members are these four plain models, each
+    # told apart by its keys; for those keys the union picks that member whenever it
+    # validates (a request's keys also fit a notification, which ignores ``id``: the
+    # union prefers the member that sets more fields). Validating against that one
+    # member skips trying the others, a third of a replay's time.
+    from mcp_types import JSONRPCNotification, JSONRPCRequest  # type: ignore[import-not-found, unused-ignore]
+
+    _SHAPES: dict[frozenset[str], Any] = {
+        frozenset(("jsonrpc", "id", "method")): JSONRPCRequest,
+        frozenset(("jsonrpc", "id", "method", "params")): JSONRPCRequest,
+        frozenset(("jsonrpc", "method")): JSONRPCNotification,
+        frozenset(("jsonrpc", "method", "params")): JSONRPCNotification,
+        frozenset(("jsonrpc", "id", "result")): JSONRPCResponse,
+        frozenset(("jsonrpc", "id", "error")): JSONRPCError,
+    }
+
+    def validate_parsed(value: Any) -> Any:
+        """As ``validate_python``, the same message, faster for the shapes messages have."""
+        if type(value) is dict:
+            member = _SHAPES.get(frozenset(value))
+            if member is not None:
+                try:
+                    return member.model_validate(value)
+                except ValidationError:
+                    pass  # the union may still take it as another member
+        return _adapter.validate_python(value)
+
+    def validate_page(page: bytes) -> list[Any]:
+        """The messages of ``page``, a JSON array of them: parsed in one call, each then validated."""
+        return [validate_parsed(value) for value in json.loads(page)]
+
 except ImportError:  # mcp 1.x: pydantic models in mcp.types, the message a RootModel
     from mcp.server.fastmcp import Context  # type: ignore[attr-defined, no-redef, unused-ignore]
     from mcp.server.fastmcp import FastMCP as Server  # type: ignore[attr-defined, no-redef, assignment, unused-ignore]
@@ -93,6 +124,17 @@ except ImportError:  # mcp 1.x: pydantic models in mcp.types, the message a Root
     def validate_python(value: Any) -> Any:
         """The message whose parsed JSON is ``value``."""
         return JSONRPCMessage.model_validate(value)  # type: ignore[attr-defined, unused-ignore]
+
+    validate_parsed = validate_python
+
+    from pydantic import TypeAdapter
+
+    # Validating a page as one JSON array saves pydantic's per-call overhead.
+    _page_adapter: TypeAdapter[list[Any]] = TypeAdapter(list[JSONRPCMessage])  # type: ignore[valid-type, unused-ignore]
+
+    def validate_page(page: bytes) -> list[Any]:
+        """The messages of ``page``, a JSON array of them."""
+        return _page_adapter.validate_json(page)
 
 
 # ASSUMES: standalone_stream_id. The SDK files every message that belongs to no

@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import json
 import re
+import typing
 import uuid
 from pathlib import Path
 from typing import Any
@@ -422,3 +423,45 @@ async def test_replay_none_ends_stream(store: PostgresEventStore) -> None:
     assert [e.id for e in replayed] == [e.id for e in events[1:]]
     assert all(e.data for e in replayed)  # no priming event
     assert replayed[-1].message is not None and replayed[-1].message["id"] == request_id
+
+
+# Each shape validate_parsed tells apart, and odd ones it leaves to the union.
+MESSAGE_SHAPES = [
+    {"jsonrpc": "2.0", "id": 1, "method": "tools/call"},
+    {"jsonrpc": "2.0", "id": "a", "method": "tools/call", "params": {"name": "x"}},
+    {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": None},
+    {"jsonrpc": "2.0", "method": "notifications/progress"},
+    {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}},
+    {"jsonrpc": "2.0", "id": 7, "result": {}},
+    {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "no"}},
+    # A request's keys with an id no request has: the union takes it as a notification.
+    {"jsonrpc": "2.0", "id": True, "method": "m", "params": {}},
+    {"jsonrpc": "2.0", "id": 1.5, "method": "m"},
+    {"jsonrpc": "2.0", "id": 1, "method": "m", "result": {}},
+]
+
+
+@pytest.mark.parametrize("value", MESSAGE_SHAPES)
+def test_message_shapes(value: dict[str, Any]) -> None:
+    # validate_parsed must give what the SDK's own validation of the union gives.
+    try:
+        expected = compat.validate_python(value)
+    except ValueError:
+        with pytest.raises(ValueError):
+            compat.validate_parsed(value)
+        return
+    got = compat.validate_parsed(value)
+    assert type(got) is type(expected)
+    assert got == expected
+    inner = (lambda m: m.root) if compat.ROOT_MODEL is not None else (lambda m: m)
+    assert type(inner(got)) is type(inner(expected))
+    assert inner(got).model_fields_set == inner(expected).model_fields_set
+    if compat.MCP_MAJOR == 2:
+        # The union has exactly the four members the shapes name.
+        members = set(typing.get_args(compat.JSONRPCMessage))
+        assert members == {
+            compat.JSONRPCRequest,
+            compat.JSONRPCNotification,
+            compat.JSONRPCResponse,
+            compat.JSONRPCError,
+        }
