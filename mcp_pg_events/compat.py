@@ -58,44 +58,33 @@ try:  # mcp 2.x: plain message types in mcp_types, one TypeAdapter for the union
     # 1.x wraps every message in a RootModel; 2.x does not.
     ROOT_MODEL: type | None = None
 
+    from mcp_types import JSONRPCNotification  # type: ignore[import-not-found, unused-ignore]
+
+    # ASSUMES: notification_shape. pydantic writes a model's fields in their order, so
+    # a notification as the store wrote it (``dump_message``) starts with this; and a
+    # JSON object without an ``id`` member can only be the union's JSONRPCNotification
+    # (every other member requires ``id``). Validating such bytes against that one
+    # member skips trying the others: most of a replay's time, since a stream is
+    # mostly notifications. ``\u`` is excluded so that no escaped spelling of ``id``
+    # can hide a member.
+    _NOTIFICATION_START = b'{"jsonrpc":"2.0","method":'
+
     def validate_json(data: bytes) -> Any:
-        """The message whose JSON is ``data``."""
+        """The message whose JSON is ``data``: what the union validates it as."""
+        if data.startswith(_NOTIFICATION_START) and b'"id"' not in data and b"\\u" not in data:
+            try:
+                return JSONRPCNotification.model_validate_json(data)
+            except ValidationError:
+                pass  # the union's own error, or its other reading, below
         return _adapter.validate_json(data)
 
     def validate_python(value: Any) -> Any:
         """The message whose parsed JSON is ``value``."""
         return _adapter.validate_python(value)
 
-    # ASSUMES: message_shapes. The union's members are these four plain models, each
-    # told apart by its keys; for those keys the union picks that member whenever it
-    # validates (a request's keys also fit a notification, which ignores ``id``: the
-    # union prefers the member that sets more fields). Validating against that one
-    # member skips trying the others, a third of a replay's time.
-    from mcp_types import JSONRPCNotification, JSONRPCRequest  # type: ignore[import-not-found, unused-ignore]
-
-    _SHAPES: dict[frozenset[str], Any] = {
-        frozenset(("jsonrpc", "id", "method")): JSONRPCRequest,
-        frozenset(("jsonrpc", "id", "method", "params")): JSONRPCRequest,
-        frozenset(("jsonrpc", "method")): JSONRPCNotification,
-        frozenset(("jsonrpc", "method", "params")): JSONRPCNotification,
-        frozenset(("jsonrpc", "id", "result")): JSONRPCResponse,
-        frozenset(("jsonrpc", "id", "error")): JSONRPCError,
-    }
-
-    def validate_parsed(value: Any) -> Any:
-        """As ``validate_python``, the same message, faster for the shapes messages have."""
-        if type(value) is dict:
-            member = _SHAPES.get(frozenset(value))
-            if member is not None:
-                try:
-                    return member.model_validate(value)
-                except ValidationError:
-                    pass  # the union may still take it as another member
-        return _adapter.validate_python(value)
-
-    def validate_page(page: bytes) -> list[Any]:
-        """The messages of ``page``, a JSON array of them: parsed in one call, each then validated."""
-        return [validate_parsed(value) for value in json.loads(page)]
+    def validate_page(datas: list[bytes]) -> list[Any]:
+        """The messages stored as ``datas``: each validated on its own, most by one member."""
+        return [validate_json(data) for data in datas]
 
 except ImportError:  # mcp 1.x: pydantic models in mcp.types, the message a RootModel
     from mcp.server.fastmcp import Context  # type: ignore[attr-defined, no-redef, unused-ignore]
@@ -125,16 +114,14 @@ except ImportError:  # mcp 1.x: pydantic models in mcp.types, the message a Root
         """The message whose parsed JSON is ``value``."""
         return JSONRPCMessage.model_validate(value)  # type: ignore[attr-defined, unused-ignore]
 
-    validate_parsed = validate_python
-
     from pydantic import TypeAdapter
 
     # Validating a page as one JSON array saves pydantic's per-call overhead.
     _page_adapter: TypeAdapter[list[Any]] = TypeAdapter(list[JSONRPCMessage])  # type: ignore[valid-type, unused-ignore]
 
-    def validate_page(page: bytes) -> list[Any]:
-        """The messages of ``page``, a JSON array of them."""
-        return _page_adapter.validate_json(page)
+    def validate_page(datas: list[bytes]) -> list[Any]:
+        """The messages stored as ``datas``, validated as one JSON array."""
+        return _page_adapter.validate_json(b"[" + b",".join(datas) + b"]")
 
 
 # ASSUMES: standalone_stream_id. The SDK files every message that belongs to no
