@@ -68,12 +68,14 @@ try:  # mcp 2.x: plain message types in mcp_types, one TypeAdapter for the union
     # mostly notifications. ``\u`` is excluded so that no escaped spelling of ``id``
     # can hide a member.
     _NOTIFICATION_START = b'{"jsonrpc":"2.0","method":'
+    # What model_validate_json calls, without its Python wrapper: a fifth of the cost here.
+    _validate_notification = JSONRPCNotification.__pydantic_validator__.validate_json
 
     def validate_json(data: bytes) -> Any:
         """The message whose JSON is ``data``: what the union validates it as."""
         if data.startswith(_NOTIFICATION_START) and b'"id"' not in data and b"\\u" not in data:
             try:
-                return JSONRPCNotification.model_validate_json(data)
+                return _validate_notification(data)
             except ValidationError:
                 pass  # the union's own error, or its other reading, below
         return _adapter.validate_json(data)
