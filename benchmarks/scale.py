@@ -111,7 +111,7 @@ async def probe(store: PostgresEventStore, interval: float, until: float) -> lis
 
 async def worker_main(config: dict[str, Any]) -> None:
     index = config["index"]
-    async with await PostgresEventStore.connect(config["dsn"]) as store:
+    async with await PostgresEventStore.connect(config["dsn"], max_pool_size=config["pool_size"]) as store:
         # A live subscription, so that this process's listener is LISTENing.
         idle = store.session(f"scale-idle-{config['round']}-{index}")
         idle_sub = idle.subscribe(await idle.store_event(STANDALONE_STREAM, None))
@@ -164,6 +164,7 @@ async def cell(dsn: str, processes: int, r: int, args: argparse.Namespace) -> di
             "warmup": args.warmup,
             "seconds": args.seconds,
             "probe_interval": args.probe_interval,
+            "pool_size": args.pool_size,
         }
         procs.append(
             await asyncio.create_subprocess_exec(
@@ -220,6 +221,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "warmup": args.warmup,
             "rounds": args.rounds,
             "probe_interval": args.probe_interval,
+            "pool_size": args.pool_size,
             "smoke": args.smoke,
             "load_before": os.getloadavg(),
         }
@@ -263,7 +265,8 @@ def render(results: dict[str, Any]) -> str:
         describe_environment(config),
         f"load average before {load}, after {after}",
         "",
-        f"{config['streams']} streams in all, split over the processes; {config['seconds']} s measured after "
+        f"{config['streams']} streams in all, split over the processes, a pool of {config['pool_size']} "
+        f"per process; {config['seconds']} s measured after "
         f"{config['warmup']} s of warm-up; medians of {config['rounds']} interleaved round(s); live probe: "
         f"one append every {config['probe_interval'] * 1000:g} ms in process 0, followed live",
     ]
@@ -312,6 +315,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (2)")
     parser.add_argument(
         "--probe-interval", type=float, default=0.01, help="seconds between live probe appends (0.01)"
+    )
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=4,
+        help="pool connections per process (4: 8 processes with the default 10, plus a listener "
+        "and a lease each, would take most of a default max_connections of 100)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--smoke", action="store_true", help="quick CI run: 1 and 2 processes, 4 streams")
