@@ -37,6 +37,11 @@ def format_event_id(stream_key: int, seq: int, tag: str) -> str:
     return f"{stream_key}-{seq}-{tag}"
 
 
+def event_id_affixes(stream_key: int, tag: str) -> tuple[str, str]:
+    """What comes before and after the seq in every event id of a stream: for ids made in a loop."""
+    return f"{stream_key}-", f"-{tag}"
+
+
 def parse_event_id(event_id: str) -> EventRef | None:
     """The parts of ``event_id``, or None when it is not an id this store made."""
     if not isinstance(event_id, str) or len(event_id) > MAX_LENGTH:

@@ -21,7 +21,7 @@ from mcp.server.streamable_http import EventCallback, EventId, EventMessage, Str
 from . import metrics, sql
 from .database import Database
 from .errors import StoreUnavailableError, StreamIdTooLongError
-from .event_ids import EventRef, format_event_id, new_tag, parse_event_id
+from .event_ids import EventRef, event_id_affixes, format_event_id, new_tag, parse_event_id
 from .group_commit import GroupCommitWriter, StreamGoneError
 from .live import LiveTail, StreamFollower, Subscription, ends_stream
 from .messages import answered_request, load_message, load_messages
@@ -195,6 +195,7 @@ class EventLog:
         ref = cursor.ref
         page = self._page
         sent = 0
+        prefix, suffix = event_id_affixes(ref.stream_key, ref.tag)
 
         def fetch(after: int) -> asyncio.Task[Any]:
             return asyncio.ensure_future(self._db.fetch(sql.REPLAY_PAGE, ref.stream_key, after, page))
@@ -209,9 +210,8 @@ class EventLog:
                 following = fetch(rows[-1]["seq"]) if len(rows) == page else None
                 messages = load_messages([row[1] for row in rows])
                 for row, message in zip(rows, messages, strict=True):
-                    await send_callback(
-                        EventMessage(message, format_event_id(ref.stream_key, row[0], ref.tag))
-                    )
+                    # format_event_id, its constant parts made once per replay.
+                    await send_callback(EventMessage(message, f"{prefix}{row[0]}{suffix}"))
                     sent += 1
         finally:
             if following is not None:

@@ -57,7 +57,7 @@ class GroupCommitWriter:
         db: where connections come from, and the retry policy.
         notifier: told which streams changed after each commit.
         settings: ``max_batch``, ``max_batch_bytes``, ``max_inflight``,
-            ``max_pending`` and ``writer_linger`` (see ``StoreSettings``).
+            ``max_pending``, ``writer_linger`` and ``synchronous_commit`` (see ``StoreSettings``).
     """
 
     def __init__(self, db: Database, notifier: Notifier | None, settings: StoreSettings) -> None:
@@ -67,6 +67,7 @@ class GroupCommitWriter:
         self._max_batch_bytes = settings.max_batch_bytes
         self._max_inflight = settings.max_inflight
         self._linger = settings.writer_linger
+        self._synchronous_commit = settings.synchronous_commit
         # Appends queued or in flight, and the signal that there is room for more.
         self._max_pending = settings.max_pending
         self._pending = 0
@@ -205,7 +206,7 @@ class GroupCommitWriter:
                     conn = self._connections.pop() if self._connections else await self._db.acquire()
                     pid = conn.get_server_pid()
                     try:
-                        rows = await conn.fetch(sql.APPEND_BATCH, keys, messages)
+                        rows = await conn.fetch(sql.APPEND_BATCH, keys, messages, self._synchronous_commit)
                     except Exception as exc:
                         if answer_lost(exc):
                             unsure = pid

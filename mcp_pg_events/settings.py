@@ -137,6 +137,9 @@ def _positive(name: str, value: float) -> None:
         raise ConfigurationError(f"{name} must be more than 0, got {value!r}")
 
 
+# The values of PostgreSQL's synchronous_commit (its boolean spellings aside).
+SYNCHRONOUS_COMMIT = ("off", "local", "remote_write", "on", "remote_apply")
+
 # Retention waits this much longer than a session's idle timeout before it ends a
 # session nobody holds (migration 0006): the activity a worker has not written yet.
 MAX_ACTIVITY_INTERVAL = 300.0
@@ -186,6 +189,13 @@ class StoreSettings(_FromEnv):
     database is slower than the writers)."""
     writer_linger: float = 0.1
     """Seconds the writer keeps a connection between batches before giving it back to the pool."""
+    synchronous_commit: str | None = None
+    """PostgreSQL's ``synchronous_commit`` for the store's appends only (``SET LOCAL`` in each
+    append's transaction): ``off`` answers ``store_event`` before the commit reaches the disk,
+    so a database crash (not an application crash) may lose the last events (up to three
+    times ``wal_writer_delay``, 600 ms by default), never corrupt or reorder them; ``local``,
+    ``remote_write``, ``on``, ``remote_apply`` as PostgreSQL means them. None: the server's
+    own setting (PostgreSQL's default is ``on``, every event on disk before it is sent)."""
     tail_batch: int = 1000
     """Live subscriptions caught up per query at most."""
     adopt_sessions: bool = True
@@ -231,6 +241,11 @@ class StoreSettings(_FromEnv):
             raise ConfigurationError(
                 f"min_pool_size ({self.min_pool_size}) must not exceed max_pool_size ({self.max_pool_size})"
             )
+        if self.synchronous_commit is not None and self.synchronous_commit not in SYNCHRONOUS_COMMIT:
+            raise ConfigurationError(
+                f"synchronous_commit must be one of {', '.join(SYNCHRONOUS_COMMIT)} (or unset), "
+                f"got {self.synchronous_commit!r}"
+            )
         if self.max_inflight > self.max_pool_size:
             raise ConfigurationError(
                 f"max_inflight ({self.max_inflight}) must not exceed max_pool_size ({self.max_pool_size}): "
@@ -257,6 +272,7 @@ class StoreOptions(TypedDict, total=False):
     max_inflight: int
     max_pending: int
     writer_linger: float
+    synchronous_commit: str | None
     tail_batch: int
     adopt_sessions: bool
     activity_interval: float

@@ -54,13 +54,18 @@ WHERE se.key = $1 AND st.name = $2
 # seq 10, another seq 11 and commit first, and a reader that saw 11 would resume
 # after it and never see 10. The locks are taken in the order of their keys, so two
 # batches cannot deadlock; the aggregate must finish before the join emits a row,
-# so every nextval() runs after every lock is granted.
-# $1 stream keys, $2 message bytes (NULL for a priming event), same length
+# so every nextval() runs after every lock is granted. The same row sets
+# synchronous_commit for this transaction only (SET LOCAL, read at commit): the
+# store's durability setting, without a round trip of its own.
+# $1 stream keys, $2 message bytes (NULL for a priming event), same length,
+# $3 synchronous_commit (NULL: the session's, left as it is)
 APPEND_BATCH = """
 INSERT INTO mcp_events_events (stream_key, seq, message)
 SELECT batch.stream_key, nextval('mcp_events_seq'), batch.message
 FROM (
-    SELECT count(pg_advisory_xact_lock(1835233381, lock_key)) AS locked
+    SELECT count(pg_advisory_xact_lock(1835233381, lock_key)) AS locked,
+        set_config('synchronous_commit', coalesce($3::text, current_setting('synchronous_commit')), true)
+            AS durability
     FROM (SELECT DISTINCT hashint8(k) AS lock_key FROM unnest($1::bigint[]) AS k ORDER BY 1) AS lock_keys
 ) AS stream_locks,
 unnest($1::bigint[], $2::bytea[]) AS batch(stream_key, message)

@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import json
 import re
+import typing
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from mcp_pg_events import PostgresEventStore, compat
 from mcp_pg_events.integration import scope_sessions
+from mcp_pg_events.messages import dump_message
 from mcp_pg_events.testing import PROTOCOL_VERSION
 
 from .mcp_http import McpClient, RecordingStore, build_app, serve
@@ -504,3 +506,47 @@ async def test_fastmcp_scoped_stream_ids() -> None:
     assert await view.replay_events_after("e1", lambda e: None) == "_GET_stream"  # type: ignore[arg-type, return-value]
     calls.append(compat.fastmcp_stream_id(uuid.uuid4().hex, "_GET_stream"))
     assert await view.replay_events_after("e1", lambda e: None) is None  # type: ignore[arg-type, return-value]
+
+
+# Messages of every kind, and odd ones that look like notifications.
+MESSAGE_SHAPES = [
+    {"jsonrpc": "2.0", "id": 1, "method": "tools/call"},
+    {"jsonrpc": "2.0", "id": "a", "method": "tools/call", "params": {"name": "x"}},
+    {"jsonrpc": "2.0", "method": "notifications/progress"},
+    {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}},
+    {"jsonrpc": "2.0", "method": "notifications/progress", "params": None},
+    {"jsonrpc": "2.0", "method": "m", "params": {"id": 1, "text": "\u0069d"}},
+    {"jsonrpc": "2.0", "id": 7, "result": {}},
+    {"jsonrpc": "2.0", "id": 2, "error": {"code": -32600, "message": "no"}},
+    # A notification's start with a request's id after it: the union takes a request.
+    {"jsonrpc": "2.0", "method": "m", "params": {}, "id": 3},
+    {"jsonrpc": "2.0", "method": "m", "\u0069d": 3},
+    {"jsonrpc": "2.0", "method": "m", "id": True},
+    {"jsonrpc": "2.0", "method": 5},
+]
+
+
+@pytest.mark.parametrize("value", MESSAGE_SHAPES)
+def test_notification_shape(value: dict[str, Any]) -> None:
+    # validate_json must give what the SDK's own validation of the union gives.
+    data = json.dumps(value, separators=(",", ":")).encode()
+    try:
+        expected = compat.validate_python(json.loads(data))
+    except ValueError:
+        with pytest.raises(ValueError):
+            compat.validate_json(data)
+        return
+    got = compat.validate_json(data)
+    assert type(got) is type(expected)
+    assert got == expected
+    inner = (lambda m: m.root) if compat.ROOT_MODEL is not None else (lambda m: m)
+    assert type(inner(got)) is type(inner(expected))
+    assert inner(got).model_fields_set == inner(expected).model_fields_set
+    if compat.MCP_MAJOR == 2:
+        # The store writes notifications with the start the fast path looks for.
+        progress = compat.validate_python(MESSAGE_SHAPES[3])
+        assert dump_message(progress).startswith(compat._NOTIFICATION_START)
+        # Every other member of the union requires an id.
+        members = set(typing.get_args(compat.JSONRPCMessage)) - {compat.JSONRPCNotification}
+        assert len(members) == 3
+        assert all(member.model_fields["id"].is_required() for member in members)

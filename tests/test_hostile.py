@@ -42,9 +42,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mcp_pg_events import PostgresEventStore, SessionEventStore, StreamIdTooLongError, run_retention
-from mcp_pg_events.compat import new_server
+from mcp_pg_events.compat import ROOT_MODEL, new_server, validate_python
 from mcp_pg_events.event_ids import parse_event_id
 from mcp_pg_events.event_log import INDEXED_STREAM_ID_BYTES, MAX_SESSION_KEY_LENGTH, MAX_STREAM_ID_BYTES
+from mcp_pg_events.messages import dump_message
 from mcp_pg_events.testing import SSEStream, streamable_app
 
 from .mcp_http import SSE, McpClient, RecordingStore, build_app, data_events, serve
@@ -325,6 +326,87 @@ async def test_any_text_in_a_message_replays_exactly_or_is_refused_when_unserial
         return
     event_id = await view.store_event("1", message)
     assert await replay(view, cursor) == ("1", [(event_id, message)])
+
+
+# Any JSON a message's params, result or error data may hold (pydantic writes no NaN, no
+# infinity, and no lone surrogate: it refuses to), and the ids JSON-RPC allows.
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=("Cs",)), max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(st.characters(exclude_categories=("Cs",)), max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+json_objects = st.dictionaries(
+    st.text(max_size=8).filter(lambda t: not has_surrogate(t)), json_values, max_size=4
+)
+request_id_values = st.integers(-(2**63), 2**63) | st.text(max_size=10).filter(lambda t: not has_surrogate(t))
+method_names = st.text(max_size=20).filter(lambda t: not has_surrogate(t))
+
+
+def message_shapes() -> Any:
+    """JSON-RPC messages of every kind as the SDK validates them, with and without their optional parts."""
+    base = {"jsonrpc": st.just("2.0")}
+    optional_params = {"params": json_objects | st.none()}
+    return st.one_of(
+        st.fixed_dictionaries(
+            {**base, "id": request_id_values, "method": method_names}, optional=optional_params
+        ),
+        st.fixed_dictionaries({**base, "method": method_names}, optional=optional_params),
+        st.fixed_dictionaries({**base, "id": request_id_values, "result": json_objects}),
+        st.fixed_dictionaries(
+            {
+                **base,
+                "id": request_id_values | st.none(),
+                "error": st.fixed_dictionaries(
+                    {"code": st.integers(-(2**31), 2**31), "message": method_names},
+                    optional={"data": json_values},
+                ),
+            }
+        ),
+        # Extra members, which the SDK's models ignore (2.x) or keep (1.x).
+        st.fixed_dictionaries(
+            {**base, "method": method_names, "id": st.booleans() | st.floats(-5, 5) | request_id_values},
+            optional={"params": json_objects, "result": json_objects, "extra": json_values},
+        ),
+    )
+
+
+def bare(message: Any) -> Any:
+    """The model inside mcp 1.x's RootModel, or the message itself."""
+    return message.root if ROOT_MODEL is not None and isinstance(message, ROOT_MODEL) else message
+
+
+@hostile(max_examples=150)
+@given(shapes=st.lists(message_shapes(), min_size=1, max_size=6))
+async def test_replayed_messages_are_the_stored_ones_of_the_same_type_with_the_same_fields_set(
+    store: PostgresEventStore, shapes: list[dict[str, Any]]
+) -> None:
+    # What the SDK inspects (their type) and sends (model_dump_json of the fields set)
+    # must be what it stored, whichever way replay parses and validates a page.
+    messages = []
+    for shape in shapes:
+        try:
+            messages.append(validate_python(shape))
+        except ValueError:
+            continue  # not a message: the SDK would never hand it to the store
+    view = store.session(uuid.uuid4().hex)
+    cursor = await view.store_event("1", None)
+    ids = [await view.store_event("1", message) for message in messages]
+    stream, got = await replay(view, cursor)
+    assert stream == "1"
+    assert [event_id for event_id, _ in got] == ids
+    for (_, replayed), message in zip(got, messages, strict=True):
+        assert type(replayed) is type(message)
+        assert type(bare(replayed)) is type(bare(message))
+        assert replayed == message
+        assert bare(replayed).model_fields_set == bare(message).model_fields_set
+        assert dump_message(replayed) == dump_message(message)
 
 
 def nested(depth: int, shape: str) -> Any:

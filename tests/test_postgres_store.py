@@ -14,9 +14,11 @@ from mcp_pg_events import (
     PostgresEventStore,
     SchemaNotReadyError,
     SessionEventStore,
+    StoreSettings,
     StoreUnavailableError,
 )
 from mcp_pg_events.event_ids import parse_event_id
+from mcp_pg_events.settings import env_name
 
 from .messages import notification, progress_message
 from .proxy import FlakyProxy
@@ -341,3 +343,47 @@ async def test_an_append_on_a_closed_pool_fails_at_once(dsn: str) -> None:
     # Not retried for the deadline: a closed pool does not come back.
     with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
         await asyncio.wait_for(view.store_event("1", notification("after close")), 10)
+
+
+# Records, inside every transaction that appends, the synchronous_commit it commits with.
+_RECORD_DURABILITY = [
+    "CREATE TABLE seen_durability (setting text NOT NULL)",
+    """CREATE FUNCTION record_durability() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO seen_durability VALUES (current_setting('synchronous_commit'));
+        RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER record_durability AFTER INSERT ON mcp_events_events "
+    "FOR EACH STATEMENT EXECUTE FUNCTION record_durability()",
+]
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, "on"), ("off", "off"), ("local", "local")])
+async def test_synchronous_commit_applies_to_the_stores_appends_only(
+    dsn: str, admin: asyncpg.Connection, setting: str | None, expected: str
+) -> None:
+    for statement in _RECORD_DURABILITY:
+        await admin.execute(statement)
+    async with await PostgresEventStore.connect(
+        dsn, synchronous_commit=setting, min_pool_size=1, max_pool_size=1, max_inflight=1
+    ) as store:
+        view = store.session("s")
+        cursor = await view.store_event("1", None)
+        await asyncio.gather(
+            *(store.session(f"s{i}").store_event("1", progress_message(i)) for i in range(5))
+        )
+        await view.store_event("1", progress_message(9))
+        # The setting ends with each append's transaction: the pool's one connection,
+        # which wrote every batch, runs everything else with the server's setting.
+        assert await store.database.fetchval("SELECT current_setting('synchronous_commit')") == "on"
+        assert await replay_all(view, cursor) == [progress_message(9)]
+    seen = await admin.fetch("SELECT setting FROM seen_durability")
+    assert len(seen) >= 3
+    assert {row["setting"] for row in seen} == {expected}
+
+
+def test_synchronous_commit_takes_only_postgresqls_values() -> None:
+    assert StoreSettings().synchronous_commit is None
+    assert StoreSettings.from_env({env_name("synchronous_commit"): "off"}).synchronous_commit == "off"
+    with pytest.raises(ConfigurationError, match="synchronous_commit must be one of off, local"):
+        StoreSettings.from_env({env_name("synchronous_commit"): "sometimes"})

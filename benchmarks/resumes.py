@@ -1,0 +1,233 @@
+"""Many resumes at once over HTTP: C clients resume a finished 1,000-event stream at the same moment.
+
+As production users would meet it: one worker process (the demo's, ``python -m
+mcp_pg_events.demo worker``: uvicorn, the store's default pool) serves an app
+whose tool sends N progress notifications. Each of C sessions calls it once and
+reads the stream to the response. Then all C clients send their resuming GET
+(``Last-Event-ID``: the stream's priming event) at once, each reading until the
+response comes again. Per round: time to each client's first event (p50, p99,
+max), time until every client had all N + 1 events, the aggregate events/s, and
+the server's RSS before, at the end and a second later. Two rounds by default,
+so that memory that is not given back shows. The clients run in this process
+(one httpx client each), the server in its own.
+
+    python benchmarks/resumes.py --json resumes.json   # 200 clients x 1,000 events
+    python benchmarks/resumes.py --smoke               # CI: tiny sizes, seconds
+
+The server is --dsn, else $MCP_PG_EVENTS_DSN; the scratch database is created
+there and dropped at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import httpx
+from _common import (
+    DEFAULT_DSN,
+    describe_environment,
+    environment,
+    latency_summary,
+    log,
+    report,
+    run,
+    scratch_database,
+)
+from append import table
+
+from mcp_pg_events.testing import McpClient
+
+# Sessions that write their stream at once while preparing: enough to keep the
+# group commit busy, few enough not to time out.
+PREPARE_AT_ONCE = 20
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("no VmRSS")
+
+
+@asynccontextmanager
+async def worker(dsn: str) -> AsyncIterator[tuple[str, int]]:
+    """A demo worker process serving on a socket of its own: its base URL and pid."""
+    sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcp_pg_events.demo", "worker", str(sock.fileno()), "0",
+        env={**os.environ, "MCP_PG_EVENTS_DSN": dsn}, pass_fds=[sock.fileno()],
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    try:
+        assert process.stdout is not None
+        if not (await asyncio.wait_for(process.stdout.readline(), 60)).startswith(b"serving"):
+            raise RuntimeError("the worker did not start")
+        yield url, process.pid
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        await process.wait()
+
+
+async def prepare(http: httpx.AsyncClient, events: int) -> tuple[McpClient, str, int]:
+    """A session whose tool sent ``events`` notifications: the client, its first event id, the call's id."""
+    client = McpClient(http)
+    await client.initialize()
+    request_id, call = client.call_tool("countdown", {"n": events}, progress_token="bench")
+    async with call as stream:
+        got = await stream.until_response(request_id)
+    cursor = got[0].id
+    if cursor is None or len(got) < events + 1:
+        raise RuntimeError(f"the tool call gave {len(got)} events")
+    return client, cursor, request_id
+
+
+async def resume(
+    client: McpClient, cursor: str, request_id: int, go: asyncio.Event
+) -> tuple[float, float, int]:
+    """After ``go``: seconds to the first event with data, to the response, and the events read."""
+    await go.wait()
+    start = time.perf_counter()
+    first: float | None = None
+    count = 0
+    async with client.get(last_event_id=cursor) as resumed:
+        while (event := await resumed.next()) is not None:
+            if not event.data:
+                continue
+            count += 1
+            if first is None:
+                first = time.perf_counter() - start
+            message = event.message
+            if message is not None and message.get("id") == request_id:
+                return first, time.perf_counter() - start, count
+    raise RuntimeError(f"a resumed stream ended after {count} events, without the response")
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "config": {
+            **environment(),
+            "clients": args.clients,
+            "events": args.events,
+            "rounds": args.rounds,
+            "smoke": args.smoke,
+            "load_before": os.getloadavg(),
+        },
+        "rounds": [],
+    }
+    async with scratch_database(args.dsn) as dsn, AsyncExitStack() as stack:
+        url, pid = await stack.enter_async_context(worker(dsn))
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        https = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=120, limits=limits))
+            for _ in range(args.clients)
+        ]
+        log(f"preparing {args.clients} sessions of {args.events:,} events each")
+        sessions: list[tuple[McpClient, str, int]] = []
+        for start in range(0, args.clients, PREPARE_AT_ONCE):
+            chunk = https[start : start + PREPARE_AT_ONCE]
+            sessions += await asyncio.gather(*(prepare(http, args.events) for http in chunk))
+        rss_start = rss_mib(pid)
+        log(f"server RSS {rss_start} MiB")
+        for r in range(args.rounds):
+            go = asyncio.Event()
+            tasks = [asyncio.create_task(resume(c, cursor, rid, go)) for c, cursor, rid in sessions]
+            await asyncio.sleep(0.1)
+            rss_before = rss_mib(pid)
+            start = time.perf_counter()
+            go.set()
+            done = await asyncio.gather(*tasks)
+            elapsed = time.perf_counter() - start
+            rss_end = rss_mib(pid)
+            await asyncio.sleep(1)
+            rss_later = rss_mib(pid)
+            if any(n != args.events + 1 for _, _, n in done):
+                raise RuntimeError(f"events per resume: {sorted({n for _, _, n in done})}")
+            row = {
+                "round": r + 1,
+                "first_event": latency_summary([f for f, _, _ in done]),
+                "whole_p50_ms": round(statistics.median(w for _, w, _ in done) * 1000, 1),
+                "all_done_s": round(elapsed, 2),
+                "events_per_s": round(args.clients * (args.events + 1) / elapsed),
+                "rss_before_mib": rss_before,
+                "rss_end_mib": rss_end,
+                "rss_1s_later_mib": rss_later,
+            }
+            log(f"  {row}")
+            results["rounds"].append(row)
+    results["config"]["load_after"] = os.getloadavg()
+    return results
+
+
+def render(results: dict[str, Any]) -> str:
+    config = results["config"]
+    lines = [
+        describe_environment(config),
+        "load average before "
+        + " / ".join(f"{x:.2f}" for x in config["load_before"])
+        + ", after "
+        + " / ".join(f"{x:.2f}" for x in config["load_after"]),
+        "",
+        f"{config['clients']} clients resume a finished {config['events']:,}-event stream each, at once, "
+        "over HTTP (one demo worker process)",
+    ]
+    lines += table(
+        [
+            "round",
+            "1st p50 ms",
+            "1st p99 ms",
+            "1st max ms",
+            "whole p50 ms",
+            "all done s",
+            "events/s",
+            "RSS MiB",
+        ],
+        (
+            [
+                str(row["round"]),
+                *(f"{row['first_event'][k]:.1f}" for k in ("p50_ms", "p99_ms", "max_ms")),
+                f"{row['whole_p50_ms']:.1f}",
+                f"{row['all_done_s']:.2f}",
+                f"{row['events_per_s']:,}",
+                f"{row['rss_before_mib']} / {row['rss_end_mib']} / {row['rss_1s_later_mib']} (+1 s)",
+            ]
+            for row in results["rounds"]
+        ),
+    )
+    if config["smoke"]:
+        lines += ["", "(smoke run: sizes too small to judge)"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--dsn", default=os.environ.get("MCP_PG_EVENTS_DSN", DEFAULT_DSN))
+    parser.add_argument("--clients", type=int, default=200, help="clients resuming at once (200)")
+    parser.add_argument("--events", type=int, default=1000, help="events of each stream (1000)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of resumes (2)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--smoke", action="store_true", help="quick CI run: 3 clients, 20 events, 1 round")
+    args = parser.parse_args()
+    if args.smoke:
+        args.clients, args.events, args.rounds = 3, 20, 1
+    report(run(bench(args)), render, args.json)
+
+
+if __name__ == "__main__":
+    main()
