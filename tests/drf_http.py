@@ -148,9 +148,13 @@ def running(*workers: Worker) -> Iterator[tuple[Worker, ...]]:
 
 
 async def django_command(dsn: str, *args: str, cwd: Path = ROOT, settings: str = SETTINGS, **env: str) -> str:
-    """``django-admin`` of a project (the test project unless told); its output. Fails if it fails."""
+    """``django-admin`` of a project (the test project unless told); its output. Fails if it fails.
+
+    ``args[0]`` is the command; the options of ours come before its own arguments,
+    so that a ``--`` among them ends its options (a task id may begin with "-").
+    """
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "django", *args, "--settings", settings,
+        sys.executable, "-m", "django", args[0], "--settings", settings, *args[1:],
         cwd=cwd, env=project_env(dsn, DJANGO_SETTINGS_MODULE=settings, **env),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip

@@ -200,7 +200,7 @@ async def test_a_task_created_on_a_is_read_finished_and_deleted_on_b(
         # The worker is a third process, plain sync code: it runs two tasks one
         # after the other (each publish on a fresh event loop), and the third,
         # cancelled meanwhile, not at all.
-        out = await django_command(drf_dsn, "run_mcp_task", first, second, third)
+        out = await django_command(drf_dsn, "run_mcp_task", "--", first, second, third)
         assert out.split() == [first, "completed", second, "completed", third, "cancelled"]
         notified = await stream.take(2)
     assert {(e.message or {})["params"]["taskId"] for e in notified} == {first, second}
