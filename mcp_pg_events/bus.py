@@ -38,7 +38,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import sql
-from .event_log import StreamHead, StreamState
+from .batched import BatchedStream
+from .event_log import StreamHead
 from .live import StreamFollower
 
 if TYPE_CHECKING:
@@ -141,9 +142,7 @@ class PostgresSubscriptionBus:
         self._store: PostgresEventStore | None = None
         self._owns_store = False
         self._follower: StreamFollower | None = None
-        self._state = StreamState()
-        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
-        self._flushing: asyncio.Task[None] | None = None
+        self._rows = BatchedStream(BUS_SESSION, namespace)
         self._watcher: asyncio.Task[None] | None = None
         # Events handed to local listeners, for tests and benchmarks to wait on.
         self.delivered = 0
@@ -196,8 +195,7 @@ class PostgresSubscriptionBus:
         store, self._store = self._store, None
         if store is None:
             return
-        if self._flushing is not None:
-            await asyncio.gather(asyncio.shield(self._flushing), return_exceptions=True)
+        await self._rows.drain()
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
@@ -205,7 +203,6 @@ class PostgresSubscriptionBus:
         if self._follower is not None:
             store.log.unfollow(self._follower)
             self._follower = None
-        self._state = StreamState()
         if self._owns_store:
             await store.close()
 
@@ -241,39 +238,7 @@ class PostgresSubscriptionBus:
                 "PostgresSubscriptionBus is not started: serve the app with_postgres(server) returns, "
                 "or await bus.start() first"
             )
-        done = asyncio.get_running_loop().create_future()
-        self._pending.append((data, done))
-        if self._flushing is None:
-            self._flushing = asyncio.get_running_loop().create_task(self._flush(self._store))
-        await done
-
-    async def _flush(self, store: PostgresEventStore) -> None:
-        # What is published while a row is being written goes in the next row:
-        # under load many publishes share a commit, and one publisher's events
-        # still go in the order it published them.
-        limit = store.settings.max_batch_bytes
-        try:
-            while self._pending:
-                batch: list[tuple[bytes, asyncio.Future[None]]] = []
-                size = 0
-                while self._pending and (not batch or size + len(self._pending[0][0]) <= limit):
-                    item = self._pending.pop(0)
-                    batch.append(item)
-                    size += len(item[0])
-                row = b"[" + b",".join(data for data, _ in batch) + b"]"
-                try:
-                    async with self._state.lock:
-                        await store.log.append(BUS_SESSION, self.namespace, self._state, row)
-                except Exception as exc:
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_exception(exc)
-                else:
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_result(None)
-        finally:
-            self._flushing = None
+        await self._rows.publish(self._store, data)
 
     def _follow(self, head: StreamHead) -> None:
         assert self._store is not None

@@ -55,6 +55,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import sql
+from .batched import BatchedStream
 from .database import DjangoConnection
 from .dsn import DSN_ENV, FALLBACK_DSN_ENV, dsn_from_django
 from .engine import Engine
@@ -811,9 +812,7 @@ class _TopicRouter:
         self._stream: _FollowedStream | None = None
         self._opening: asyncio.Future[None] | None = None
         self._store: PostgresEventStore | None = None
-        self._state = StreamState()
-        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
-        self._flushing = False
+        self._rows = BatchedStream(TOPIC_SESSION, self._name)
 
     async def add(self, store: PostgresEventStore, subscription: _Subscription) -> None:
         if self._stream is None:
@@ -926,38 +925,8 @@ class _TopicRouter:
             subscription.lagging = None
 
     async def publish(self, store: PostgresEventStore, topic: str, payload: bytes) -> int:
-        done = asyncio.get_running_loop().create_future()
-        self._pending.append((payload, done))
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().create_task(self._flush(store))
-        await done
+        await self._rows.publish(store, payload)
         return self.subscribers(topic)
-
-    async def _flush(self, store: PostgresEventStore) -> None:
-        limit = self._events.store_settings.max_batch_bytes
-        try:
-            while self._pending:
-                batch: list[tuple[bytes, asyncio.Future[None]]] = []
-                size = 0
-                while self._pending and (not batch or size + len(self._pending[0][0]) <= limit):
-                    item = self._pending.pop(0)
-                    batch.append(item)
-                    size += len(item[0])
-                row = b"[" + b",".join(item for item, _ in batch) + b"]"
-                try:
-                    async with self._state.lock:
-                        await store.log.append(TOPIC_SESSION, self._name, self._state, row)
-                except Exception as exc:
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_exception(exc)
-                else:
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_result(None)
-        finally:
-            self._flushing = False
 
 
 class PostgresSubscriptionBroker:
