@@ -41,6 +41,7 @@ from starlette.routing import Mount
 
 from . import compat
 from .dsn import resolve_dsn
+from .errors import McpPgEventsError
 from .integration import scope_sessions
 from .settings import StoreSettings
 
@@ -122,7 +123,12 @@ def with_postgres(
         from .store import PostgresEventStore
 
         async with AsyncExitStack() as stack:
-            store = await PostgresEventStore.connect(resolve_dsn(dsn), settings=settings)
+            try:
+                store = await PostgresEventStore.connect(resolve_dsn(dsn), settings=settings)
+            except McpPgEventsError as exc:
+                # Said in one line by the ASGI server (see _StartupErrorInOneLine).
+                app.state.startup_error = f"mcp-pg-events: {exc}"
+                raise
             stack.push_async_callback(store.close)
             holder["store"] = store
             stack.callback(holder.pop, "store", None)
@@ -137,6 +143,7 @@ def with_postgres(
             yield
 
     app = Starlette(routes=[Mount("/", app=inner)], lifespan=lifespan)
+    app.add_middleware(_StartupErrorInOneLine, state=app.state)
     app.state.server = server
     app.state.subscriptions = bus
     return app
@@ -167,3 +174,30 @@ def _bus_for(server: Any) -> Any | None:
         return bus
     logger.info("with_postgres: %s keeps its own subscription bus", type(current).__name__)
     return None
+
+
+class _StartupErrorInOneLine:
+    """Reports a startup that failed on our error (no DSN, no database, not migrated) in one line.
+
+    Starlette tells the ASGI server of a failed lifespan with the whole traceback
+    as the message, which uvicorn prints; for an error of ours the line that says
+    what to do is the message instead.
+    """
+
+    def __init__(self, app: Any, state: Any) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def tell(message: Any) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                error = getattr(self.state, "startup_error", None)
+                if error is not None:
+                    message = {**message, "message": error}
+            await send(message)
+
+        await self.app(scope, receive, tell)

@@ -7,7 +7,11 @@ installed, else its tests skip saying so.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +25,7 @@ from .mcp_http import data_events, progress_values
 from .test_sessions import call
 from .wiring_app import build_app
 
+ROOT = Path(__file__).resolve().parent.parent
 HAS_FASTMCP = importlib.util.find_spec("fastmcp") is not None
 FRAMEWORKS = [
     "sdk",
@@ -104,6 +109,31 @@ async def test_a_missing_dsn_fails_the_startup_naming_the_setting(monkeypatch: p
     with pytest.raises(ConfigurationError, match="MCP_PG_EVENTS_DSN"):
         async with app.router.lifespan_context(app):
             pass
+
+
+@pytest.mark.parametrize("case", ["unmigrated", "no database", "no dsn"])
+async def test_the_example_under_uvicorn_says_why_it_cannot_start_in_one_line(
+    empty_dsn: str, case: str
+) -> None:
+    environment = {k: v for k, v in os.environ.items() if k not in ("MCP_PG_EVENTS_DSN", "DATABASE_URL")}
+    if case == "unmigrated":
+        environment["MCP_PG_EVENTS_DSN"] = empty_dsn
+    elif case == "no database":
+        environment["MCP_PG_EVENTS_DSN"] = empty_dsn.rsplit("/", 1)[0] + "/mcp_events_no_such_database"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "uvicorn", "examples.app:app", "--port", "0",
+        cwd=ROOT, env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out = (await asyncio.wait_for(process.communicate(), 60))[0].decode()
+    assert process.returncode != 0, out
+    assert "Traceback" not in out, out
+    expected = {
+        "unmigrated": "run `mcp-pg-events migrate`",
+        "no database": 'database "mcp_events_no_such_database" does not exist',
+        "no dsn": "set MCP_PG_EVENTS_DSN",
+    }[case]
+    errors = [line for line in out.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 2 and expected in errors[0] and "startup failed" in errors[1], out
 
 
 def test_something_else_than_a_server_is_refused_up_front() -> None:
