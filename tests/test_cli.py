@@ -101,7 +101,7 @@ async def test_migrate_says_which_revision_the_database_is_at_and_keeps_alembic_
     code, _, err = await run_cli("migrate", "--revision", "0005", MCP_PG_EVENTS_DSN=empty_dsn)
     assert code == 0, err
     assert "from no schema yet to revision 0005\n" in err
-    assert err.endswith(f"{empty_dsn} is at schema revision 0005\n"), err
+    assert err.endswith(f"{redact(empty_dsn)} is at schema revision 0005\n"), err
     assert "Context impl" not in err and "Will assume" not in err
     code, _, err = await run_cli("migrate", MCP_PG_EVENTS_DSN=empty_dsn)
     assert code == 0, err
@@ -109,7 +109,7 @@ async def test_migrate_says_which_revision_the_database_is_at_and_keeps_alembic_
     assert "Running upgrade 0005 -> 0006" in err
     code, _, err = await run_cli("migrate", MCP_PG_EVENTS_DSN=empty_dsn)
     assert code == 0, err
-    assert err == f"{empty_dsn} is at schema revision {SCHEMA_REVISION}: nothing to do\n"
+    assert err == f"{redact(empty_dsn)} is at schema revision {SCHEMA_REVISION}: nothing to do\n"
 
 
 async def test_migrate_to_a_revision_that_does_not_exist_is_one_line(empty_dsn: str) -> None:
@@ -131,7 +131,7 @@ async def test_migrate_against_a_database_ahead_of_the_code_is_one_line(dsn: str
     code, _, err = await run_cli("migrate", "--dsn", dsn)
     assert code == 2
     assert err == (
-        f"mcp-pg-events: error: {dsn} is at schema revision {ahead}, newer than this mcp-pg-events "
+        f"mcp-pg-events: error: {redact(dsn)} is at schema revision {ahead}, newer than this mcp-pg-events "
         f"knows (up to {SCHEMA_REVISION}): nothing to migrate here; migrate with the newer mcp-pg-events\n"
     )
 

@@ -21,6 +21,7 @@ from mcp_pg_events import ConfigurationError, PostgresEventStore, with_postgres
 from mcp_pg_events.compat import new_server
 from mcp_pg_events.testing import SSE, McpClient, serve
 
+from .conftest import with_database
 from .mcp_http import data_events, progress_values
 from .test_sessions import call
 from .wiring_app import build_app
@@ -119,7 +120,7 @@ async def test_the_example_under_uvicorn_says_why_it_cannot_start_in_one_line(
     if case == "unmigrated":
         environment["MCP_PG_EVENTS_DSN"] = empty_dsn
     elif case == "no database":
-        environment["MCP_PG_EVENTS_DSN"] = empty_dsn.rsplit("/", 1)[0] + "/mcp_events_no_such_database"
+        environment["MCP_PG_EVENTS_DSN"] = with_database(empty_dsn, "mcp_events_no_such_database")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "uvicorn", "examples.app:app", "--port", "0",
         cwd=ROOT, env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
