@@ -68,6 +68,8 @@ class WriterProcess:
     async def _read(self) -> None:
         assert self.process.stdout is not None
         while line := await self.process.stdout.readline():
+            if not line.endswith(b"\n"):
+                break  # killed while printing it: a line cut short acknowledges nothing
             _, stream, n, event_id = line.decode().split()
             async with self._more:
                 self.acks.append(Ack(stream, int(n), event_id))
