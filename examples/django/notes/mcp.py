@@ -7,6 +7,7 @@ subscriptions and its tasks work whichever worker each request reaches.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -37,24 +38,47 @@ class ThreadExecutor:
 
     The task is in the database before this runs, so any worker answers
     tasks/get, and a subscriber on any worker hears when it finishes.
+
+    The framework marks a task enqueued only after ``enqueue`` returns, and
+    ``run_task`` silently skips a task not marked yet (its guard against running
+    one twice). A thread can start sooner than that mark is written, so it waits
+    for the mark first. A queue whose worker may pick the task up at once needs
+    the same wait.
     """
+
+    wait_for_mark = 10.0  # seconds; the request writes it right after enqueue returns
 
     def enqueue(self, task_id: str) -> None:
         threading.Thread(target=self._run, args=(task_id,), daemon=True).start()
 
-    @staticmethod
-    def _run(task_id: str) -> None:
+    def _run(self, task_id: str) -> None:
         try:
-            server.run_task(task_id)
+            if self._marked_enqueued(task_id):
+                server.run_task(task_id)
         finally:
             connections.close_all()
 
+    def _marked_enqueued(self, task_id: str) -> bool:
+        deadline = time.monotonic() + self.wait_for_mark
+        pause = 0.002
+        while True:
+            record = collaborators["task_store"].get(task_id)
+            if record is None or record.status.is_terminal:
+                return False  # expired, deleted or cancelled meanwhile
+            if record.enqueued:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
+
+collaborators = postgres_collaborators("notes")
 server = MCPServer(
     name="notes",
     auth_backend=AllowAnyBackend(),  # development only: swap for your real backend
     task_executor=ThreadExecutor(),
-    **postgres_collaborators("notes"),
+    **collaborators,
 )
 EVERYONE = [Anyone()]
 
