@@ -275,18 +275,26 @@ WHERE st.id = $1 AND st.tag = $3 AND se.key = $4
 
 # One page of a replay, in order, priming rows skipped. Pages keep memory bounded
 # and no transaction stays open while the client is slow.
+#
+# LIMIT (SELECT $3), not LIMIT $3: a partition not analyzed yet has the planner
+# guess a few dozen rows per stream, fewer than a page, so with a known limit it
+# chose a bitmap scan of the whole rest of the stream and a sort, for every page
+# (quadratic in the stream's length; 3.6 ms instead of 0.3 ms for a page of 500
+# at the start of a 10,000-event stream). A limit it cannot know has it plan for
+# a fraction of the rows, which the ordered index scan serves at once.
 # $1 stream key, $2 seq after which to read, $3 page size
 REPLAY_PAGE = """
 SELECT seq, message FROM mcp_events_events
 WHERE stream_key = $1 AND seq > $2 AND message IS NOT NULL
 ORDER BY seq
-LIMIT $3
+LIMIT (SELECT $3::int)
 """
 
 # The next page of many live subscriptions at once, each after its own cursor,
 # priming rows included (they move a cursor on). One query per wake-up, however
 # many subscriptions it wakes; each lateral probe reads only partitions above its
 # cursor. The first column is the 1-based position of the cursor in the arrays.
+# The limit is a subquery for the reason REPLAY_PAGE's is.
 # $1 stream keys, $2 seqs after which to read, $3 rows per subscription at most
 TAIL_PAGES = """
 SELECT c.i, e.seq, e.message
@@ -295,7 +303,7 @@ CROSS JOIN LATERAL (
     SELECT seq, message FROM mcp_events_events
     WHERE stream_key = c.stream_key AND seq > c.after
     ORDER BY seq
-    LIMIT $3
+    LIMIT (SELECT $3::int)
 ) AS e
 ORDER BY c.i, e.seq
 """

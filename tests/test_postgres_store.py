@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -16,6 +17,7 @@ from mcp_pg_events import (
     SessionEventStore,
     StoreSettings,
     StoreUnavailableError,
+    sql,
 )
 from mcp_pg_events.event_ids import parse_event_id
 from mcp_pg_events.settings import env_name
@@ -387,3 +389,30 @@ def test_synchronous_commit_takes_only_postgresqls_values() -> None:
     assert StoreSettings.from_env({env_name("synchronous_commit"): "off"}).synchronous_commit == "off"
     with pytest.raises(ConfigurationError, match="synchronous_commit must be one of off, local"):
         StoreSettings.from_env({env_name("synchronous_commit"): "sometimes"})
+
+
+async def test_pages_of_a_long_stream_read_the_index_in_order_before_any_analyze(
+    admin: asyncpg.Connection,
+) -> None:
+    # Without statistics the planner guesses a few dozen rows per stream: with a
+    # limit it knows it read the whole rest of the stream and sorted it, every page.
+    assert (
+        await admin.fetchval("SELECT count(*) FROM pg_stats WHERE tablename LIKE 'mcp_events_events%'") == 0
+    )
+    await admin.execute(
+        "INSERT INTO mcp_events_sessions (key) VALUES ('s');"
+        "INSERT INTO mcp_events_streams (session_id, name, tag)"
+        " SELECT id, '\\x31', 't' FROM mcp_events_sessions;"
+        "INSERT INTO mcp_events_events (stream_key, message)"
+        " SELECT (SELECT id FROM mcp_events_streams), '\\x7b7d' FROM generate_series(1, 10000)"
+    )
+    key = await admin.fetchval("SELECT id FROM mcp_events_streams")
+    first = await admin.fetchval("SELECT min(seq) FROM mcp_events_events")
+    for query, args in (
+        (sql.REPLAY_PAGE, (key, first + 100, 500)),
+        (sql.TAIL_PAGES, ([key], [first + 100], 500)),
+    ):
+        plan = json.dumps(json.loads(await admin.fetchval("EXPLAIN (FORMAT JSON) " + query, *args)))
+        assert '"Index Scan"' in plan and "Bitmap" not in plan, plan
+        seqs = [row["seq"] for row in await admin.fetch(query, *args)]
+        assert seqs == list(range(first + 101, first + 601))
