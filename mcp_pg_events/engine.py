@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 THREAD_NAME = "mcp-pg-events"
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class Engine:
@@ -132,8 +133,14 @@ class Engine:
 
         async def shut() -> None:
             # What the engine's users left running (followers, watchers) first,
-            # then the store, which waits for the writes in flight.
-            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            # then the store, which waits for the writes in flight. Only our
+            # tasks: asyncpg's own (a connection's release under way after a
+            # caller cancelled its query, shielded so that it completes) would
+            # never give the connection back, and the pool's close would wait
+            # for it for ever.
+            others = [
+                task for task in asyncio.all_tasks() if task is not asyncio.current_task() and _ours(task)
+            ]
             for task in others:
                 task.cancel()
             await asyncio.gather(*others, return_exceptions=True)
@@ -149,6 +156,12 @@ class Engine:
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout)
+
+
+def _ours(task: asyncio.Task[Any]) -> bool:
+    """Whether ``task`` runs a coroutine of this package."""
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and code.co_filename.startswith(_PACKAGE)
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:

@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-from mcp_pg_events import rest_framework
+from mcp_pg_events import PostgresEventStore, rest_framework
+from mcp_pg_events.engine import Engine
 from mcp_pg_events.event_ids import parse_event_id
 from mcp_pg_events.rest_framework import (
     REPLAY_GAP_METHOD,
@@ -41,6 +42,7 @@ from mcp_pg_events.retention import run_retention
 from mcp_pg_events.settings import RestFrameworkSettings, StoreSettings
 
 from .drf.database import django_database
+from .test_postgres_store import until
 
 _T = TypeVar("_T")
 MODULE = Path(rest_framework.__file__).read_text()
@@ -710,6 +712,26 @@ async def test_retention_removes_idle_sessions_not_old_ones_in_use(
 def test_the_engine_thread_is_named_for_operators(events: PostgresEvents) -> None:
     events.engine.loop  # noqa: B018 - starts it
     assert any(t.name == "mcp-pg-events" and t.daemon for t in threading.enumerate())
+
+
+async def test_the_engine_closes_right_after_a_caller_cancelled_its_query(
+    dsn: str, admin: asyncpg.Connection
+) -> None:
+    # A caller's cancellation (an unsubscribe cancelling a catch-up) leaves asyncpg
+    # returning the connection; the close must let it, not wait for it for ever.
+    engine = Engine(lambda: PostgresEventStore.connect(dsn))
+    running = engine.submit(lambda store: store.database.fetch("SELECT pg_sleep(60)"))
+
+    async def sleeping(count: int) -> bool:
+        query = (
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'"
+        )
+        return bool(await admin.fetchval(query) == count)
+
+    await until(lambda: sleeping(1))
+    running.cancel()
+    await asyncio.to_thread(engine.close, 10)  # raised TimeoutError after 10 s
+    await until(lambda: sleeping(0))
 
 
 # --- configuration ---------------------------------------------------------------------------
