@@ -211,6 +211,12 @@ class GroupCommitWriter:
                         if answer_lost(exc):
                             unsure = pid
                         raise
+                    except asyncio.CancelledError:
+                        # A lone append writes in its caller's task, and is cancelled
+                        # with it: the connection still goes back (asyncpg cancels the
+                        # statement), or the pool's close waits for it for ever.
+                        await self._db.release(conn)
+                        raise
                     self._keep(conn)
                     conn = None
                     seqs = {row[0]: row[1] for row in rows}

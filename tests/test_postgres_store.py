@@ -416,3 +416,26 @@ async def test_pages_of_a_long_stream_read_the_index_in_order_before_any_analyze
         assert '"Index Scan"' in plan and "Bitmap" not in plan, plan
         seqs = [row["seq"] for row in await admin.fetch(query, *args)]
         assert seqs == list(range(first + 101, first + 601))
+
+
+async def test_a_lone_append_cancelled_with_its_caller_gives_its_connection_back(
+    dsn: str, admin: asyncpg.Connection
+) -> None:
+    # A lone append writes in its caller's task; cancelled with it, it must still
+    # give the connection back, or closing the store waits for it for ever.
+    async with await PostgresEventStore.connect(dsn) as store:
+        view = store.session("s")
+        await view.store_event("1", None)
+        async with admin.transaction():
+            await admin.execute("SELECT 1 FROM mcp_events_streams FOR UPDATE")  # the append waits for it
+            append = asyncio.ensure_future(view.store_event("1", progress_message(1)))
+
+            async def waiting() -> bool:
+                query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> $1"
+                return bool(await admin.fetchval(query, admin.get_server_pid()) == 1)
+
+            await until(waiting)
+            append.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await append
+        await asyncio.wait_for(store.close(), 10)  # timed out: the connection was never given back
