@@ -431,7 +431,10 @@ async def test_a_lone_append_cancelled_with_its_caller_gives_its_connection_back
             append = asyncio.ensure_future(view.store_event("1", progress_message(1)))
 
             async def waiting() -> bool:
-                query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> $1"
+                query = (
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> $1"
+                )
                 return bool(await admin.fetchval(query, admin.get_server_pid()) == 1)
 
             await until(waiting)
