@@ -190,12 +190,14 @@ class SSEStream:
     async def until_response(self, request_id: int) -> list[SSE]:
         """Events up to and including the response to ``request_id``."""
         events: list[SSE] = []
-        while not any(e.message and e.message.get("id") == request_id for e in events):
+        while True:
             event = await self.next()
             if event is None:
                 raise ConnectionError(f"the stream ended before the response to request {request_id}")
             events.append(event)
-        return events
+            message = event.message  # a property that parses: once per event
+            if message and message.get("id") == request_id:
+                return events
 
 
 class McpClient:
