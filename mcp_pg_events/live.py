@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,14 @@ MAX_PAYLOADS_PER_ROUND = 128
 # least: a flood of them costs one per interval, and delays the wake-ups it
 # drowned by as much.
 CATCH_UP_ALL_INTERVAL = 0.1
+# Rows read for a follower's first catch-up, in a query of the new followers only:
+# a crowd of resumed streams then gets its first events after a query of this many
+# rows each, not of a full page each; its next pages come while it sends these.
+FIRST_PAGE = 20
+# Rows one catch-up query reads at most, counting a page for each follower whose
+# last query filled its page (it is behind) and a row for any other: the memory a
+# crowd of lagging followers takes at once, and the wait of the followers after them.
+ROWS_PER_FETCH = 10_000
 # Ignored and dropped payloads are logged once per this many seconds at most.
 FLOOD_LOG_INTERVAL = 60.0
 
@@ -65,23 +73,28 @@ class Follower:
     ``_take`` with the rows that follow it, in order, a page at a time.
     """
 
-    __slots__ = ("_tail", "after", "stream_key")
+    __slots__ = ("_behind", "_new", "_tail", "after", "stream_key")
 
     def __init__(self, stream_key: int = 0, after: int = 0) -> None:
         self._tail: LiveTail | None = None
         self.stream_key = stream_key
         # Seq of the newest row handed to this follower (by replay or the tail).
         self.after = after
+        # Not caught up yet: its first query reads FIRST_PAGE rows.
+        self._new = True
+        # Its last query filled a page: more rows are waiting.
+        self._behind = False
 
     def _ready(self) -> bool:
         """False while the follower holds as much as it may: the tail skips it until it marks itself again."""
         return True
 
-    def _take(self, rows: list[asyncpg.Record], decoded: dict[int, Any], more: bool) -> bool:
+    def _take(self, rows: list[asyncpg.Record], shared: dict[int, Any] | None, more: bool) -> bool:
         """Take the rows (``(index, seq, message)``) after the cursor; True when done following.
 
-        ``decoded`` caches decoded messages by seq for the other followers of the
-        same fetch; ``more`` says a full page came, and more may follow at once.
+        ``shared`` (None when this follower is its stream's only one in the fetch)
+        caches decoded messages by seq for the stream's other followers; ``more``
+        says a full page came, and more may follow at once.
         """
         raise NotImplementedError
 
@@ -132,7 +145,7 @@ class StreamFollower(Follower):
     def _ready(self) -> bool:
         return not self._paused
 
-    def _take(self, rows: list[asyncpg.Record], decoded: dict[int, Any], more: bool) -> bool:
+    def _take(self, rows: list[asyncpg.Record], shared: dict[int, Any] | None, more: bool) -> bool:
         self.after = rows[-1][1]
         self._on_rows([(seq, data) for _, seq, data in rows])
         return False
@@ -174,7 +187,8 @@ class Subscription(Follower):
         self.tag = ""
         # The worker that runs the stream's request (None: unknown).
         self.owner: int | None = None
-        self._buffer: deque[EventMessage] | None = None
+        # Rows taken and not yet read: (seq, message bytes, the fetch's shared decodes or None).
+        self._buffer: deque[tuple[int, bytes, dict[int, Any] | None]] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._complete = False
         self._closed = False
@@ -211,11 +225,11 @@ class Subscription(Follower):
         while True:
             buffer = self._buffer
             if buffer:
-                event = buffer.popleft()
+                seq, data, shared = buffer.popleft()
                 if self._starved and self._tail is not None and len(buffer) < self._tail.page_size // 2:
                     self._starved = False
                     self._tail.mark(self)
-                return event
+                return await self._event(seq, data, shared)
             if self._error is not None:
                 error, self._error = self._error, None
                 await self.aclose()
@@ -254,37 +268,42 @@ class Subscription(Follower):
     def _tail_page(self) -> int:
         return self._tail.page_size if self._tail is not None else 0
 
-    def _take(self, rows: list[asyncpg.Record], decoded: dict[int, Any], more: bool) -> bool:
+    def _take(self, rows: list[asyncpg.Record], shared: dict[int, Any] | None, more: bool) -> bool:
+        # Rows only: the reader decodes them in its own task (``_event``), so that the
+        # fetch task's round costs no decoding, and a crowd of resumed streams each gets
+        # its first event as soon as the query returns, not after all were decoded.
         if self._closed:
             return True
-        events = []
-        complete = False
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = deque()
         for _, seq, data in rows:
-            if data is None:  # a priming row: a cursor, never delivered
-                continue
-            known = decoded.get(seq)
-            if known is None:
-                try:
-                    message = load_message(data)
-                except ValueError as exc:  # a row that will not decode: this stream only
-                    logger.error("live tail: event %s of stream %s does not decode", seq, self.stream_key)
-                    self._fail(exc)
-                    return False
-                known = decoded[seq] = (message, answered_request(message))
-            message, answers = known
-            events.append(EventMessage(message, format_event_id(self.stream_key, seq, self.tag)))
-            if ends_stream(answers, self.stream_name):
-                complete = True
-                break
-        if events:
-            if self._buffer is None:
-                self._buffer = deque()
-            self._buffer.extend(events)
+            if data is not None:  # a priming row: a cursor, never delivered
+                buffer.append((seq, data, shared))
         self.after = rows[-1][1]
-        if complete:
-            self._complete = True
         self._wake()
-        return complete
+        return False
+
+    async def _event(self, seq: int, data: bytes, shared: dict[int, Any] | None) -> EventMessage:
+        """The event of row ``seq``; after the response that ends the stream, stop following."""
+        known = None if shared is None else shared.get(seq)
+        if known is None:
+            try:
+                message = load_message(data)
+            except ValueError:  # a row that will not decode: this stream only
+                logger.error("live tail: event %s of stream %s does not decode", seq, self.stream_key)
+                await self.aclose()
+                raise
+            known = (message, answered_request(message))
+            if shared is not None:
+                shared[seq] = known
+        message, answers = known
+        if ends_stream(answers, self.stream_name):
+            self._complete = True
+            self._buffer = None  # rows after the response belong to no request
+            if self._tail is not None:
+                self._tail.remove(self)
+        return EventMessage(message, format_event_id(self.stream_key, seq, self.tag))
 
     def _fail(self, error: BaseException) -> None:
         """The reader gets ``error``; the tail forgets this subscription."""
@@ -494,28 +513,34 @@ class LiveTail:
             self._read_payloads()
             self._due_event.clear()
             while self._due:
+                first_page = min(FIRST_PAGE, self.page_size)
                 batch: list[Follower] = []
-                while self._due and len(batch) < self._fetch_batch:
+                rows = 0
+                while self._due and len(batch) < self._fetch_batch and rows < ROWS_PER_FETCH:
                     sub = next(iter(self._due))
                     del self._due[sub]
                     if sub._tail is self and sub._ready():
                         batch.append(sub)
+                        rows += first_page if sub._new else self.page_size if sub._behind else 1
+                new = [sub for sub in batch if sub._new]
+                if new:
+                    batch = [sub for sub in batch if not sub._new]
+                    await self._fetch_or_fail(new, first_page)
                 if batch:
-                    try:
-                        await self._fetch(batch)
-                    except Exception as exc:  # fail these followers, never the tail itself
-                        logger.exception("live tail: delivery failed")
-                        for sub in batch:
-                            sub._fail(exc)
+                    await self._fetch_or_fail(batch, self.page_size)
 
-    async def _fetch(self, batch: list[Follower]) -> None:
+    async def _fetch_or_fail(self, batch: list[Follower], limit: int) -> None:
         try:
-            rows = await self._db.fetch(
-                sql.TAIL_PAGES,
-                [sub.stream_key for sub in batch],
-                [sub.after for sub in batch],
-                self.page_size,
-            )
+            await self._fetch(batch, limit)
+        except Exception as exc:  # fail these followers, never the tail itself
+            logger.exception("live tail: delivery failed")
+            for sub in batch:
+                sub._fail(exc)
+
+    async def _fetch(self, batch: list[Follower], limit: int) -> None:
+        keys = [sub.stream_key for sub in batch]
+        try:
+            rows = await self._db.fetch(sql.TAIL_PAGES, keys, [sub.after for sub in batch], limit)
         except Exception as exc:
             logger.warning("live tail: catch-up query failed: %r", exc)
             for sub in batch:
@@ -525,15 +550,19 @@ class LiveTail:
         by_index: dict[int, list[asyncpg.Record]] = {}
         for row in rows:
             by_index.setdefault(row[0], []).append(row)
-        # One decode per row, however many readers. A seq is unique across streams.
-        decoded: dict[int, Any] = {}
+        # One decode per row, however many readers: the followers of a stream followed
+        # more than once in this fetch share their decodes, by seq.
+        shared: dict[int, dict[int, Any]] = {}
+        if len(set(keys)) < len(keys):
+            shared = {key: {} for key, count in Counter(keys).items() if count > 1}
         for index, sub in enumerate(batch, start=1):
+            sub._new = False
             sub_rows = by_index.get(index)
+            sub._behind = more = sub_rows is not None and len(sub_rows) == limit
             if not sub_rows or sub._tail is not self:
                 continue
-            more = len(sub_rows) == self.page_size
             try:
-                done = sub._take(sub_rows, decoded, more)
+                done = sub._take(sub_rows, shared.get(sub.stream_key), more)
             except Exception as exc:  # one follower's failure is its own
                 logger.exception("live tail: a follower of stream %s failed", sub.stream_key)
                 sub._fail(exc)

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from mcp.server.streamable_http import EventMessage
 
-from mcp_pg_events import PostgresEventStore
+from mcp_pg_events import PostgresEventStore, live, metrics
 from mcp_pg_events.listener import LISTENER_NAME
 
 from .messages import model_of, notification, params_of, progress_message, response
@@ -217,6 +217,62 @@ async def test_a_lagging_reader_holds_a_bounded_buffer(dsn: str) -> None:
             await asyncio.sleep(0)
         assert seen == [*range(100), ("response", 1)]
 
+
+async def test_each_reader_decodes_its_own_rows_as_it_reads_them(
+    live_store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tail's one fetch task serves every subscription of the process. When it
+    # decoded the rows it fetched, a crowd of resumed streams caught up by one query
+    # all waited for every row of that query to be decoded before any got its first
+    # event; each reader now decodes its own rows, in its own task.
+    decoded: list[bytes] = []
+    load_message = live.load_message
+
+    def counting_load(data: bytes) -> Any:
+        decoded.append(data)
+        return load_message(data)
+
+    monkeypatch.setattr(live, "load_message", counting_load)
+    view = live_store.session("s")
+    cursor = await view.store_event("1", None)
+    for i in range(50):
+        await view.store_event("1", progress_message(i))
+    await view.store_event("1", response(1, {}))
+    subscription = view.subscribe(cursor)
+    first = await asyncio.wait_for(anext(subscription), 30)
+    assert progress(first) == 0
+    assert len(subscription._buffer or ()) >= live.FIRST_PAGE - 1  # fetched
+    assert len(decoded) == 1  # decoded: only what was read
+    rest = await collect(subscription)
+    assert [progress(e) for e in rest] == [*range(1, 50), ("response", 1)]
+    assert len(decoded) == 51
+
+
+async def test_a_crowd_of_lagging_readers_is_caught_up_a_bounded_number_of_rows_per_query(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 200 streams resumed at once each read a full page in one query before: a
+    # spike of memory, and every reader waiting for all of it. Now the first query
+    # reads a short page for each, and later ones a bounded number of rows.
+    fetched: list[int] = []
+    monkeypatch.setattr(metrics, "fetched", fetched.append)
+    monkeypatch.setattr(live, "ROWS_PER_FETCH", 30)
+    page = 10
+    async with await PostgresEventStore.connect(dsn, replay_batch_size=page, poll_interval=3600) as store:
+        subscriptions = []
+        for s in range(8):
+            view = store.session(f"s{s}")
+            cursor = await view.store_event("1", None)
+            for i in range(45):
+                await view.store_event("1", progress_message(i))
+            await view.store_event("1", response(1, {}))
+            subscriptions.append(view.subscribe(cursor))
+        for subscription in subscriptions:
+            await subscription.open()  # all due before the tail's first query
+        seen = await asyncio.gather(*(collect(subscription) for subscription in subscriptions))
+    assert all([progress(e) for e in events] == [*range(45), ("response", 1)] for events in seen)
+    # A follower is added to a query while it has read fewer rows than the bound.
+    assert fetched and max(fetched) <= 30 - 1 + page
 
 async def test_a_row_that_will_not_decode_fails_its_subscription_not_the_others(
     live_store: PostgresEventStore, admin: asyncpg.Connection
