@@ -515,8 +515,84 @@ async def replay_peers(
     return {"rounds": rounds, "resumes": resumes, "rows": rows}
 
 
+async def paced(write: Write, interval: float, stop: asyncio.Event) -> int:
+    """``write`` once per ``interval`` seconds (or back to back when it is slower) until ``stop``."""
+    loop = asyncio.get_running_loop()
+    due = loop.time()
+    done = 0
+    while not stop.is_set():
+        await write()
+        done += 1
+        due += interval
+        if (wait := due - loop.time()) > 0:
+            await asyncio.sleep(wait)
+    return done
+
+
+async def replays_under_writes(
+    stores: dict[str, tuple[EventStore, list[str], str]],
+    writes: dict[str, list[Write]],
+    rate: float,
+    rounds: int,
+    replays: int,
+) -> dict[str, Any]:
+    """Each store replays its stream ``replays`` times per round while its writers append, paced.
+
+    Every store is offered the same write load (each writer ``rate`` / writers
+    events/s), so that what differs is what the replays feel, not how much the
+    writers manage to write; the writes/s column says what each store carried
+    (the naive store's replay, one query for the whole stream, holds up its
+    writers). Writers and replays share this process's event loop, as in one
+    server process.
+    """
+    names = list(stores)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    written: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in rotated(names, r):
+            view, ids, stream = stores[name]
+            stop = asyncio.Event()
+            interval = len(writes[name]) / rate
+            writers = [asyncio.ensure_future(paced(write, interval, stop)) for write in writes[name]]
+            await asyncio.sleep(0.3)  # the writers' first batches: connections, streams
+            began = time.perf_counter()
+            for _ in range(replays):
+                start = time.perf_counter()
+                got = await replay_count(view, ids[0])
+                seconds[name].append(time.perf_counter() - start)
+                if got != (stream, len(ids) - 1):
+                    raise RuntimeError(f"{name}: a replay under writes gave {got}")
+            stop.set()
+            done = await asyncio.gather(*writers)
+            written[name].append(sum(done) / (time.perf_counter() - began + 0.3))
+            log(
+                f"replay under writes: {name}, round {r + 1}/{rounds}: p50 "
+                f"{statistics.median(seconds[name][-replays:]) * 1000:.1f} ms, "
+                f"{written[name][-1]:,.0f} writes/s"
+            )
+    ours_p99 = latency_summary(seconds[OURS])["p99_ms"]
+    rows = []
+    for name in names:
+        summary = latency_summary(seconds[name])
+        rows.append(
+            {
+                "store": name,
+                "replays": len(seconds[name]),
+                **summary,
+                "writes_per_s": round(statistics.median(written[name])),
+                "p99_vs_ours": round(summary["p99_ms"] / ours_p99, 2),
+            }
+        )
+    return {"writers": len(writes[OURS]), "rate": rate, "rounds": rounds, "rows": rows}
+
+
 async def replay_part(
-    dsn: str, stream_events: int, table_events: int, rounds: int, resumes: int
+    dsn: str,
+    stream_events: int,
+    table_events: int,
+    rounds: int,
+    resumes: int,
+    loaded: tuple[int, float, int],
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     message = progress_notification("bench-replay", 0, PADDING)
@@ -524,9 +600,11 @@ async def replay_part(
     await execute(dsn, NAIVE_INDEX)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(await PostgresEventStore.connect(dsn))
-        naive_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        # The peers' pools as large as the store's: the writers under load share them.
+        pool_size = default_pool_size()
+        naive_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size)
         stack.push_async_callback(naive_pool.close)
-        persist_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        persist_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size)
         stack.push_async_callback(persist_pool.close)
         # (a) A stream per store, written through it one event at a time as the SDK
         # does, after the priming event the SDK stores first: the replay's cursor.
@@ -545,6 +623,20 @@ async def replay_part(
         results["stream"] = await replay_peers(peers, rounds, resumes)
         for row in results["stream"]["rows"]:
             log(f"  {row}")
+        writers, rate, replays = loaded
+        if writers and replays:
+            log(f"replay under writes: {writers} writers appending {rate:,.0f} events/s in all, each store")
+            writes = {
+                name: (
+                    our_writes(store, "loaded", writers)
+                    if name == OURS
+                    else peer_writes(view, "loaded", writers)
+                )
+                for name, (view, _, _) in peers.items()
+            }
+            results["loaded"] = await replays_under_writes(peers, writes, rate, rounds, replays)
+            for row in results["loaded"]["rows"]:
+                log(f"  {row}")
 
         # (b) One stream holding the whole table, bulk-written with SQL except for
         # its middle event, stored through the store so that its id is a real cursor.
@@ -740,6 +832,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         lambda v: v > 1,
         "x",
     )
+    loaded = {row["store"]: row for row in results.get("replay", {}).get("loaded", {}).get("rows", [])}
+    add(
+        "replay p99 under writes, naive / this store",
+        ">= 1x",
+        1 / loaded[NAIVE]["p99_vs_ours"] if NAIVE in loaded else None,
+        lambda v: v >= 1,
+        "x",
+    )
     table_case = results.get("replay", {}).get("table")
     if table_case:
         add(
@@ -845,6 +945,23 @@ def render(results: dict[str, Any]) -> str:
                 for c in stream["rows"]
             ),
         )
+        loaded_part = results["replay"].get("loaded")
+        if loaded_part:
+            lines += [
+                "",
+                f"the same replay while {loaded_part['writers']} writers append to the same store, "
+                f"{loaded_part['rate']:,.0f} events/s in all offered, paced (writes/s: what it carried); "
+                f"{loaded_part['rounds']} interleaved round(s)",
+            ]
+            lines += table(
+                ["store", "replays", "p50 ms", "p99 ms", "max ms", "writes/s", "p99 vs this store"],
+                (
+                    [c["store"], str(c["replays"])]
+                    + [f"{c[k]:.1f}" for k in ("p50_ms", "p99_ms", "max_ms")]
+                    + [f"{c['writes_per_s']:,}", f"{c['p99_vs_ours']:.2f}"]
+                    for c in loaded_part["rows"]
+                ),
+            )
         big = results["replay"].get("table")
         if big:
             lines.append(
@@ -925,7 +1042,12 @@ async def bench(args: argparse.Namespace, parts: set[str]) -> dict[str, Any]:
             results["profile"] = await profile_part(dsn, args.pool_size, args.warmup, args.seconds)
         if "replay" in parts:
             results["replay"] = await replay_part(
-                dsn, args.stream_events, args.table_events, args.replay_rounds, args.resumes
+                dsn,
+                args.stream_events,
+                args.table_events,
+                args.replay_rounds,
+                args.resumes,
+                (args.loaded_writers, args.loaded_rate, args.loaded_replays),
             )
         if "e2e" in parts:
             results["e2e"] = await e2e_part(dsn, args.notifications, args.rounds)
@@ -969,6 +1091,18 @@ def main() -> None:
     parser.add_argument("--replay-rounds", type=int, default=5, help="interleaved replays per store (5)")
     parser.add_argument("--resumes", type=int, default=200, help="mid-stream resumes per store (200)")
     parser.add_argument(
+        "--loaded-writers", type=int, default=64, help="writers appending during the loaded replays (64)"
+    )
+    parser.add_argument(
+        "--loaded-rate", type=float, default=1600, help="events/s those writers append in all (1,600)"
+    )
+    parser.add_argument(
+        "--loaded-replays",
+        type=int,
+        default=20,
+        help="replays per store per round under writes (20; 0: skip)",
+    )
+    parser.add_argument(
         "--uvloop", action="store_true", help="run on uvloop, as uvicorn[standard] servers do"
     )
     parser.add_argument(
@@ -991,6 +1125,7 @@ def main() -> None:
         args.seconds, args.warmup, args.streams = 0.2, 0.1, [1, 16]
         args.stream_events, args.table_events, args.notifications, args.rounds = 1000, 2000, 50, 1
         args.append_rounds, args.replay_rounds, args.resumes = 1, 1, 3
+        args.loaded_writers, args.loaded_rate, args.loaded_replays = 4, 200.0, 2
     parts = args.only if args.only is not None else {"append", "replay", "e2e"}
     if args.profile:
         parts.add("profile")
