@@ -274,6 +274,7 @@ async def test_a_crowd_of_lagging_readers_is_caught_up_a_bounded_number_of_rows_
     # A follower is added to a query while it has read fewer rows than the bound.
     assert fetched and max(fetched) <= 30 - 1 + page
 
+
 async def test_a_row_that_will_not_decode_fails_its_subscription_not_the_others(
     live_store: PostgresEventStore, admin: asyncpg.Connection
 ) -> None:
