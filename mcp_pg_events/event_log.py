@@ -188,11 +188,18 @@ class EventLog:
         self, session_key: str, last_event_id: EventId, send_callback: EventCallback
     ) -> StreamId | None:
         """Send the events after ``last_event_id`` of its stream; the stream id, or None for a bad cursor."""
-        cursor = await self.open_cursor(session_key, last_event_id)
-        if cursor is None:
+        ref = parse_event_id(last_event_id)
+        first = None
+        if ref is not None:
+            # The cursor's check and the first page: one round trip.
+            first = await self._db.fetch(
+                sql.REPLAY_FROM_CURSOR, ref.stream_key, ref.seq, ref.tag, session_key, self._page
+            )
+        if ref is None or not first:
+            logger.debug("replay: cursor %r is not valid in this session", last_event_id[:80])
             metrics.replayed(None)
             return None
-        ref = cursor.ref
+        stream_name = bytes(first[0][0]).decode("utf-8", "surrogatepass")
         page = self._page
         sent = 0
         prefix, suffix = event_id_affixes(ref.stream_key, ref.tag)
@@ -203,21 +210,25 @@ class EventLog:
         # Read until a short page (which also picks up what was appended while we
         # were sending), fetching the next page while this one is decoded and
         # sent: the database and the decoding then overlap, for two pages of memory.
-        following: asyncio.Task[Any] | None = fetch(ref.seq)
+        rows: list[Any] = [(row[1], row[2]) for row in first] if first[0][1] is not None else []
+        following: asyncio.Task[Any] | None = None
         try:
-            while following is not None:
-                rows = await following
-                following = fetch(rows[-1]["seq"]) if len(rows) == page else None
+            while True:
+                following = fetch(rows[-1][0]) if len(rows) == page else None
                 messages = load_messages([row[1] for row in rows])
                 for row, message in zip(rows, messages, strict=True):
                     # format_event_id, its constant parts made once per replay.
                     await send_callback(EventMessage(message, f"{prefix}{row[0]}{suffix}"))
                     sent += 1
+                if following is None:
+                    break
+                rows = await following
+                following = None
         finally:
             if following is not None:
                 following.cancel()
             metrics.replayed(sent)
-        return cursor.stream_name
+        return stream_name
 
     def subscribe(self, session_key: str, last_event_id: EventId) -> Subscription:
         """Follow the stream of ``last_event_id`` live, from just after it (see ``Subscription``)."""

@@ -291,6 +291,30 @@ ORDER BY seq
 LIMIT (SELECT $3::int)
 """
 
+# A replay's cursor check and its first page in one round trip: CURSOR_STREAM's
+# check (what only a subscription needs left out), and REPLAY_PAGE's page, read
+# only when the check passed. Each row is (the stream's name, seq, message); one
+# row with a NULL seq when nothing follows the cursor; none when the cursor is
+# not valid in this session.
+# $1 stream key, $2 seq after which to read, $3 tag, $4 session key, $5 page size
+REPLAY_FROM_CURSOR = """
+SELECT c.name, e.seq, e.message
+FROM (
+    SELECT coalesce(st.full_name, st.name) AS name
+    FROM mcp_events_streams st
+    JOIN mcp_events_sessions se ON se.id = st.session_id
+    WHERE st.id = $1 AND st.tag = $3 AND se.key = $4
+      AND EXISTS (SELECT FROM mcp_events_events e WHERE e.stream_key = $1 AND e.seq = $2)
+) AS c
+LEFT JOIN LATERAL (
+    SELECT seq, message FROM mcp_events_events
+    WHERE stream_key = $1 AND seq > $2 AND message IS NOT NULL
+    ORDER BY seq
+    LIMIT (SELECT $5::int)
+) AS e ON true
+ORDER BY e.seq
+"""
+
 # The next page of many live subscriptions at once, each after its own cursor,
 # priming rows included (they move a cursor on). One query per wake-up, however
 # many subscriptions it wakes; each lateral probe reads only partitions above its

@@ -106,6 +106,26 @@ async def test_replay_pages_through_long_streams(dsn: str) -> None:
         assert await replay_all(view, cursor) == sent
 
 
+@pytest.mark.parametrize("after", [0, 1, 2, 3, 4, 6, 7])
+async def test_replay_sends_every_event_once_whatever_the_length_against_the_page(
+    dsn: str, after: int
+) -> None:
+    # The first page comes with the cursor's check, the others on their own: the
+    # seam between them, at every length around a page of 3.
+    async with await PostgresEventStore.connect(dsn, replay_batch_size=3) as store:
+        view = store.session("s")
+        await view.store_event("1", notification("before"))
+        cursor = await view.store_event("1", None)
+        sent = [notification("n", {"i": i}) for i in range(after)]
+        for message in sent:
+            await view.store_event("1", message)
+        recorder = Recorder()
+        assert await view.replay_events_after(cursor, recorder) == "1"
+        assert [event.message for event in recorder.events] == sent
+        ids = [event.event_id for event in recorder.events]
+        assert len(set(ids)) == len(ids)
+
+
 async def test_connect_refuses_an_unmigrated_database(empty_dsn: str) -> None:
     with pytest.raises(SchemaNotReadyError, match="mcp-pg-events migrate"):
         await PostgresEventStore.connect(empty_dsn)
@@ -410,6 +430,7 @@ async def test_pages_of_a_long_stream_read_the_index_in_order_before_any_analyze
     first = await admin.fetchval("SELECT min(seq) FROM mcp_events_events")
     for query, args in (
         (sql.REPLAY_PAGE, (key, first + 100, 500)),
+        (sql.REPLAY_FROM_CURSOR, (key, first + 100, "t", "s", 500)),
         (sql.TAIL_PAGES, ([key], [first + 100], 500)),
     ):
         plan = json.dumps(json.loads(await admin.fetchval("EXPLAIN (FORMAT JSON) " + query, *args)))
