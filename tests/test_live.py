@@ -212,8 +212,9 @@ async def test_a_lagging_reader_holds_a_bounded_buffer(dsn: str) -> None:
         seen = []
         async for event in subscription:
             seen.append(progress(event))
-            # The tail reads a page at a time for a reader that does not keep up.
-            assert len(subscription._buffer or ()) <= 10
+            # The tail reads a page at a time for a reader that does not keep up, and
+            # only while it holds less than a page: under two pages, whatever the lag.
+            assert len(subscription._buffer or ()) < 2 * 10
             await asyncio.sleep(0)
         assert seen == [*range(100), ("response", 1)]
 
