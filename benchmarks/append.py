@@ -98,6 +98,8 @@ PADDING = "x" * (MESSAGE_BYTES - len(dump_message(progress_notification("bench-0
 E2E_TEXT = "x" * 80
 OURS, PERSIST, NAIVE, MEMORY = "this store", "mcp-persist PostgreSQL", "naive PostgreSQL", "SDK in-memory"
 OURS_ASYNC = "this store, synchronous_commit=off"
+# What the wake-ups cost end to end: the same store sending none (no live reader anywhere).
+OURS_SILENT = "this store, notify=False"
 PARTS = ("append", "profile", "replay", "e2e")
 # A resume in the middle of a stream: the cursor this many events before its end.
 RESUME_TAIL = 100
@@ -725,7 +727,7 @@ async def run_client(url: str, count: int) -> float:
 
 
 async def e2e_part(dsn: str, count: int, rounds: int) -> dict[str, Any]:
-    names = (OURS, OURS_ASYNC, MEMORY)
+    names = (OURS, OURS_ASYNC, OURS_SILENT, MEMORY)
     times: dict[str, list[float]] = {name: [] for name in names}
     bare_p50: list[float] = []
     # The SDK logs every session at INFO level: keep stderr to our progress lines.
@@ -736,9 +738,11 @@ async def e2e_part(dsn: str, count: int, rounds: int) -> dict[str, Any]:
         ours_async = await stack.enter_async_context(
             await PostgresEventStore.connect(dsn, synchronous_commit="off")
         )
+        ours_silent = await stack.enter_async_context(await PostgresEventStore.connect(dsn, notify=False))
         urls = {
             OURS: await stack.enter_async_context(serve(e2e_app(ours))),
             OURS_ASYNC: await stack.enter_async_context(serve(e2e_app(ours_async))),
+            OURS_SILENT: await stack.enter_async_context(serve(e2e_app(ours_silent))),
             MEMORY: await stack.enter_async_context(serve(e2e_app(ScopedInMemory()))),
         }
         for r in range(rounds):
@@ -751,7 +755,9 @@ async def e2e_part(dsn: str, count: int, rounds: int) -> dict[str, Any]:
             bare_p50.append((await bare_insert(dsn, 0.1, 0.5))["p50_ms"])
     medians = {name: statistics.median(t) for name, t in times.items()}
     bare = statistics.median(bare_p50)
-    added = {name: (medians[name] - medians[MEMORY]) / count * 1000 for name in (OURS, OURS_ASYNC)}
+    added = {
+        name: (medians[name] - medians[MEMORY]) / count * 1000 for name in (OURS, OURS_ASYNC, OURS_SILENT)
+    }
     return {
         "notifications": count,
         "rounds": rounds,
@@ -990,7 +996,8 @@ def render(results: dict[str, Any]) -> str:
         lines.append(
             f"added per message: this store {added[OURS]:.3f} ms ({vs[OURS]:.2f}x one bare INSERT commit, "
             f"p50 {e2e['bare_insert_p50_ms']:.3f} ms in this run), "
-            f"synchronous_commit=off {added[OURS_ASYNC]:.3f} ms ({vs[OURS_ASYNC]:.2f}x)"
+            f"synchronous_commit=off {added[OURS_ASYNC]:.3f} ms ({vs[OURS_ASYNC]:.2f}x), "
+            f"notify=False {added[OURS_SILENT]:.3f} ms ({vs[OURS_SILENT]:.2f}x)"
         )
     sizes = " (smoke run: sizes too small to judge)" if config["smoke"] else ""
     lines += ["", f"targets (2-core machine, from the issue){sizes}"]
