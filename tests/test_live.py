@@ -67,6 +67,15 @@ async def kill_listener(admin: asyncpg.Connection) -> int:
     return killed
 
 
+async def progress_stream(view: Any, count: int) -> str:
+    """A priming event, then ``count`` progress notifications and a response, on stream "1": the cursor."""
+    cursor: str = await view.store_event("1", None)
+    for i in range(count):
+        await view.store_event("1", progress_message(i))
+    await view.store_event("1", response(1, {}))
+    return cursor
+
+
 @pytest.fixture
 async def live_store(dsn: str) -> AsyncIterator[PostgresEventStore]:
     """A store whose subscriptions can only be woken by notifications or a reconnect's catch-up."""
@@ -204,10 +213,7 @@ async def test_another_sessions_cursor_gives_an_empty_iterator(live_store: Postg
 async def test_a_lagging_reader_holds_a_bounded_buffer(dsn: str) -> None:
     async with await PostgresEventStore.connect(dsn, replay_batch_size=10, poll_interval=3600) as store:
         view = store.session("s")
-        cursor = await view.store_event("1", None)
-        for i in range(100):
-            await view.store_event("1", progress_message(i))
-        await view.store_event("1", response(1, {}))
+        cursor = await progress_stream(view, 100)
         subscription = view.subscribe(cursor)
         seen = []
         async for event in subscription:
@@ -235,10 +241,7 @@ async def test_each_reader_decodes_its_own_rows_as_it_reads_them(
 
     monkeypatch.setattr(live, "load_message", counting_load)
     view = live_store.session("s")
-    cursor = await view.store_event("1", None)
-    for i in range(50):
-        await view.store_event("1", progress_message(i))
-    await view.store_event("1", response(1, {}))
+    cursor = await progress_stream(view, 50)
     subscription = view.subscribe(cursor)
     first = await asyncio.wait_for(anext(subscription), 30)
     assert progress(first) == 0
@@ -263,10 +266,7 @@ async def test_a_crowd_of_lagging_readers_is_caught_up_a_bounded_number_of_rows_
         subscriptions = []
         for s in range(8):
             view = store.session(f"s{s}")
-            cursor = await view.store_event("1", None)
-            for i in range(45):
-                await view.store_event("1", progress_message(i))
-            await view.store_event("1", response(1, {}))
+            cursor = await progress_stream(view, 45)
             subscriptions.append(view.subscribe(cursor))
         for subscription in subscriptions:
             await subscription.open()  # all due before the tail's first query
