@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -123,6 +124,96 @@ async def resume(
     raise RuntimeError(f"a resumed stream ended after {count} events, without the response")
 
 
+# --- writers beside the resumes: a process of their own ----------------------
+
+
+async def writers_main(url: str, writers: int, events: int, pause: float) -> None:
+    """The writers' process: ``writers`` sessions each call the tool (``events`` notifications),
+    then pause, until told to stop; each call's time is filed under the phase it started in.
+
+    The phase comes on stdin, a word a line ("alone", "resumes", "idle"), and "stop"
+    ends it: it then prints the latencies per phase as JSON. It runs apart from the
+    resuming clients, whose process is busy reading their events, so that what a
+    call waits for is the server and the database.
+    """
+    loop = asyncio.get_running_loop()
+    phase = "idle"
+    latencies: dict[str, list[float]] = {}
+    stop = asyncio.Event()
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+
+    async def write(http: httpx.AsyncClient, ready: asyncio.Event) -> None:
+        client = McpClient(http)
+        await client.initialize()
+        await ready.wait()
+        while not stop.is_set():
+            started, at = phase, time.perf_counter()
+            request_id, call = client.call_tool("countdown", {"n": events}, progress_token="writer")
+            async with call as stream:
+                await stream.until_response(request_id)
+            latencies.setdefault(started, []).append(time.perf_counter() - at)
+            await asyncio.sleep(pause)
+
+    async with AsyncExitStack() as stack:
+        https = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=120, limits=limits))
+            for _ in range(writers)
+        ]
+        ready = asyncio.Event()
+        tasks = [asyncio.ensure_future(write(http, ready)) for http in https]
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        print("ready", flush=True)
+        ready.set()
+        while (line := (await reader.readline()).decode().strip()) not in ("stop", ""):
+            phase = line
+        stop.set()
+        await asyncio.gather(*tasks)
+    print(
+        json.dumps(
+            {name: latency_summary(values) | {"calls": len(values)} for name, values in latencies.items()}
+        )
+    )
+
+
+class Writers:
+    """The writers' process, started beside the server: ``phase()`` tells it what is going on."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+
+    @classmethod
+    @asynccontextmanager
+    async def run(cls, url: str, writers: int, events: int, pause: float) -> AsyncIterator[Writers]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--writers-process", url, str(writers), str(events), str(pause),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert process.stdout is not None
+            if await asyncio.wait_for(process.stdout.readline(), 120) != b"ready\n":
+                raise RuntimeError("the writers did not start")
+            yield cls(process)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    async def phase(self, name: str) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.write(f"{name}\n".encode())
+        await self._process.stdin.drain()
+
+    async def results(self) -> dict[str, Any]:
+        """Stop them; their calls' latencies per phase."""
+        await self.phase("stop")
+        out, _ = await self._process.communicate()
+        if self._process.returncode != 0:
+            raise RuntimeError(f"the writers failed with exit code {self._process.returncode}")
+        results: dict[str, Any] = json.loads(out)
+        return results
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "config": {
@@ -130,6 +221,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "clients": args.clients,
             "events": args.events,
             "rounds": args.rounds,
+            "writers": args.writers,
+            "writer_events": args.writer_events,
+            "writer_pause": args.writer_pause,
+            "writer_baseline": args.writer_baseline,
             "smoke": args.smoke,
             "load_before": os.getloadavg(),
         },
@@ -147,17 +242,33 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         for start in range(0, args.clients, PREPARE_AT_ONCE):
             chunk = https[start : start + PREPARE_AT_ONCE]
             sessions += await asyncio.gather(*(prepare(http, args.events) for http in chunk))
+        writers: Writers | None = None
+        if args.writers:
+            log(
+                f"{args.writers} writer sessions in a process of their own: {args.writer_events} "
+                f"notifications a call, {args.writer_pause:g} s between calls"
+            )
+            writers = await stack.enter_async_context(
+                Writers.run(url, args.writers, args.writer_events, args.writer_pause)
+            )
         rss_start = rss_mib(pid)
         log(f"server RSS {rss_start} MiB")
         for r in range(args.rounds):
+            if writers is not None:
+                await writers.phase("alone")  # the writers' latencies without the resumes
+                await asyncio.sleep(args.writer_baseline)
             go = asyncio.Event()
             tasks = [asyncio.create_task(resume(c, cursor, rid, go)) for c, cursor, rid in sessions]
             await asyncio.sleep(0.1)
             rss_before = rss_mib(pid)
             start = time.perf_counter()
+            if writers is not None:
+                await writers.phase("resumes")
             go.set()
             done = await asyncio.gather(*tasks)
             elapsed = time.perf_counter() - start
+            if writers is not None:
+                await writers.phase("idle")
             rss_end = rss_mib(pid)
             await asyncio.sleep(1)
             rss_later = rss_mib(pid)
@@ -176,6 +287,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             }
             log(f"  {row}")
             results["rounds"].append(row)
+        if writers is not None:
+            results["writers"] = await writers.results()
+            results["writers"].pop("idle", None)
+            log(f"  writers: {results['writers']}")
     results["config"]["load_after"] = os.getloadavg()
     return results
 
@@ -217,6 +332,24 @@ def render(results: dict[str, Any]) -> str:
             for row in results["rounds"]
         ),
     )
+    calls = results.get("writers")
+    if calls:
+        lines += [
+            "",
+            f"{config['writers']} writer sessions meanwhile, in a process of their own: each calls the tool "
+            f"({config['writer_events']} notifications), then waits {config['writer_pause']:g} s; "
+            f"'alone': the {config['writer_baseline']:g} s before each round, 'resumes': during the rounds",
+        ]
+        lines += table(
+            ["phase", "calls", "p50 ms", "p99 ms", "max ms"],
+            (
+                [name, f"{row['calls']:,}", *(f"{row[k]:.1f}" for k in ("p50_ms", "p99_ms", "max_ms"))]
+                for name, row in calls.items()
+            ),
+        )
+        if "alone" in calls and "resumes" in calls:
+            ratio = calls["resumes"]["p99_ms"] / calls["alone"]["p99_ms"]
+            lines.append(f"writers' p99 during the resumes / alone: {ratio:.2f}")
     if config["smoke"]:
         lines += ["", "(smoke run: sizes too small to judge)"]
     return "\n".join(lines)
@@ -228,11 +361,31 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=200, help="clients resuming at once (200)")
     parser.add_argument("--events", type=int, default=1000, help="events of each stream (1000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of resumes (2)")
+    parser.add_argument(
+        "--writers",
+        type=int,
+        default=50,
+        help="sessions writing meanwhile, in a process of their own (50; 0: none)",
+    )
+    parser.add_argument("--writer-events", type=int, default=5, help="notifications per writer call (5)")
+    parser.add_argument(
+        "--writer-pause", type=float, default=0.2, help="seconds between a writer's calls (0.2)"
+    )
+    parser.add_argument(
+        "--writer-baseline", type=float, default=5.0, help="seconds of writers alone before each round (5)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--smoke", action="store_true", help="quick CI run: 3 clients, 20 events, 1 round")
+    parser.add_argument(
+        "--smoke", action="store_true", help="quick CI run: 3 clients, 20 events, 1 round, 2 writers"
+    )
+    if len(sys.argv) == 6 and sys.argv[1] == "--writers-process":
+        url, writers, events, pause = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+        asyncio.run(writers_main(url, writers, events, pause))
+        return
     args = parser.parse_args()
     if args.smoke:
         args.clients, args.events, args.rounds = 3, 20, 1
+        args.writers, args.writer_baseline = 2, 0.5
     report(run(bench(args)), render, args.json)
 
 
