@@ -53,9 +53,11 @@ CATCH_UP_ALL_INTERVAL = 0.1
 # a crowd of resumed streams then gets its first events after a query of this many
 # rows each, not of a full page each; its next pages come while it sends these.
 FIRST_PAGE = 20
-# Rows one catch-up query reads at most, counting a page for each follower whose
-# last query filled its page (it is behind) and a row for any other: the memory a
-# crowd of lagging followers takes at once, and the wait of the followers after them.
+# Rows one catch-up query is planned for, counting a page for each follower whose
+# last query filled its page (it is behind), FIRST_PAGE for a new one and a row for
+# any other: it bounds the memory a crowd of lagging followers takes at once, and
+# the wait of the followers after them. An estimate, not a limit: a follower that
+# was not behind can have a page waiting (after a reconnect, say).
 ROWS_PER_FETCH = 10_000
 # Ignored and dropped payloads are logged once per this many seconds at most.
 FLOOD_LOG_INTERVAL = 60.0
@@ -226,7 +228,7 @@ class Subscription(Follower):
             buffer = self._buffer
             if buffer:
                 seq, data, shared = buffer.popleft()
-                if self._starved and self._tail is not None and len(buffer) < self._tail.page_size // 2:
+                if self._starved and self._tail is not None and len(buffer) <= self._tail.page_size // 2:
                     self._starved = False
                     self._tail.mark(self)
                 return await self._event(seq, data, shared)
@@ -301,12 +303,15 @@ class Subscription(Follower):
         if ends_stream(answers, self.stream_name):
             self._complete = True
             self._buffer = None  # rows after the response belong to no request
+            self._error = None  # a query that failed after this was read: the stream is whole
             if self._tail is not None:
                 self._tail.remove(self)
         return EventMessage(message, format_event_id(self.stream_key, seq, self.tag))
 
     def _fail(self, error: BaseException) -> None:
         """The reader gets ``error``; the tail forgets this subscription."""
+        if self._complete or self._closed:
+            return  # its reader has read the stream's end already: a later query is not its concern
         self._error = error
         if self._tail is not None:
             self._tail.remove(self)

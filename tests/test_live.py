@@ -225,6 +225,37 @@ async def test_a_lagging_reader_holds_a_bounded_buffer(dsn: str) -> None:
         assert seen == [*range(100), ("response", 1)]
 
 
+async def test_a_failed_query_after_the_streams_end_was_taken_does_not_fail_its_reader(
+    live_store: PostgresEventStore,
+) -> None:
+    # The reader ends its subscription when it reads the response; the tail's next
+    # query, for a batch it was still in, may fail meanwhile. That is not the
+    # reader's concern: it read the whole stream.
+    view = live_store.session("s")
+    cursor = await progress_stream(view, 3)
+    subscription = view.subscribe(cursor)
+    assert progress(await asyncio.wait_for(anext(subscription), 30)) == 0
+    subscription._fail(ConnectionError("a later catch-up query failed"))  # as the tail does
+    rest = await collect(subscription)
+    assert [progress(e) for e in rest] == [1, 2, ("response", 1)]
+
+
+async def test_a_lagging_reader_with_pages_of_one_event_reads_on(dsn: str) -> None:
+    async with await PostgresEventStore.connect(dsn, replay_batch_size=1, poll_interval=3600) as store:
+        view = store.session("s")
+        cursor = await progress_stream(view, 5)
+        subscription = view.subscribe(cursor)
+        seen = []
+
+        async def read() -> None:
+            async for event in subscription:
+                seen.append(progress(event))
+                await asyncio.sleep(0)  # lag: the tail fills the buffer meanwhile
+
+        await asyncio.wait_for(read(), 30)  # polls are an hour apart
+        assert seen == [*range(5), ("response", 1)]
+
+
 async def test_each_reader_decodes_its_own_rows_as_it_reads_them(
     live_store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
