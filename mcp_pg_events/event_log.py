@@ -101,6 +101,11 @@ def valid_session_key(key: object) -> bool:
     return True
 
 
+def _forget(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class EventLog:
     """Appends, cursors, replays and live subscriptions over the gateway.
 
@@ -227,6 +232,8 @@ class EventLog:
         finally:
             if following is not None:
                 following.cancel()
+                # A page fetched in vain: its error, if it failed first, is nobody's to raise.
+                following.add_done_callback(_forget)
             metrics.replayed(sent)
         return stream_name
 

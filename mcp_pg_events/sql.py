@@ -292,13 +292,14 @@ LIMIT (SELECT $3::int)
 """
 
 # A replay's cursor check and its first page in one round trip: CURSOR_STREAM's
-# check (what only a subscription needs left out), and REPLAY_PAGE's page, read
-# only when the check passed. Each row is (the stream's name, seq, message); one
-# row with a NULL seq when nothing follows the cursor; none when the cursor is
-# not valid in this session.
+# check (what only a subscription needs left out; keep the two alike), and
+# REPLAY_PAGE's page, read only when the check passed. Rows are (name, seq,
+# message) in seq order; the stream's name (a client's request id, up to 1 MiB)
+# on the first row only. One row with a NULL seq when nothing follows the
+# cursor; none when the cursor is not valid in this session.
 # $1 stream key, $2 seq after which to read, $3 tag, $4 session key, $5 page size
 REPLAY_FROM_CURSOR = """
-SELECT c.name, e.seq, e.message
+SELECT CASE WHEN e.n IS NULL OR e.n = 1 THEN c.name END AS name, e.seq, e.message
 FROM (
     SELECT coalesce(st.full_name, st.name) AS name
     FROM mcp_events_streams st
@@ -307,10 +308,13 @@ FROM (
       AND EXISTS (SELECT FROM mcp_events_events e WHERE e.stream_key = $1 AND e.seq = $2)
 ) AS c
 LEFT JOIN LATERAL (
-    SELECT seq, message FROM mcp_events_events
-    WHERE stream_key = $1 AND seq > $2 AND message IS NOT NULL
-    ORDER BY seq
-    LIMIT (SELECT $5::int)
+    SELECT seq, message, row_number() OVER (ORDER BY seq) AS n
+    FROM (
+        SELECT seq, message FROM mcp_events_events
+        WHERE stream_key = $1 AND seq > $2 AND message IS NOT NULL
+        ORDER BY seq
+        LIMIT (SELECT $5::int)
+    ) AS page
 ) AS e ON true
 ORDER BY e.seq
 """
