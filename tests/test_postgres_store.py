@@ -437,6 +437,9 @@ async def test_pages_of_a_long_stream_read_the_index_in_order_before_any_analyze
         assert '"Index Scan"' in plan and "Bitmap" not in plan, plan
         seqs = [row["seq"] for row in await admin.fetch(query, *args)]
         assert seqs == list(range(first + 101, first + 601))
+    # The replay's first query names the stream (up to 1 MiB) once, not on every row.
+    rows = await admin.fetch(sql.REPLAY_FROM_CURSOR, key, first + 100, "t", "s", 500)
+    assert rows[0]["name"] == b"1" and not any(row["name"] for row in rows[1:])
 
 
 async def test_a_lone_append_cancelled_with_its_caller_gives_its_connection_back(
