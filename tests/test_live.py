@@ -210,18 +210,24 @@ async def test_another_sessions_cursor_gives_an_empty_iterator(live_store: Postg
     assert await collect(theirs) == []
 
 
-async def test_a_lagging_reader_holds_a_bounded_buffer(dsn: str) -> None:
-    async with await PostgresEventStore.connect(dsn, replay_batch_size=10, poll_interval=3600) as store:
+@pytest.mark.parametrize("page", [10, 1])
+async def test_a_lagging_reader_holds_a_bounded_buffer_and_reads_on(dsn: str, page: int) -> None:
+    # The tail reads a page at a time for a reader that does not keep up, and only
+    # while it holds less than a page: under two pages, whatever the lag. A starved
+    # reader asks for more once it has read half of what it held, a page of one too.
+    async with await PostgresEventStore.connect(dsn, replay_batch_size=page, poll_interval=3600) as store:
         view = store.session("s")
         cursor = await progress_stream(view, 100)
         subscription = view.subscribe(cursor)
         seen = []
-        async for event in subscription:
-            seen.append(progress(event))
-            # The tail reads a page at a time for a reader that does not keep up, and
-            # only while it holds less than a page: under two pages, whatever the lag.
-            assert len(subscription._buffer or ()) < 2 * 10
-            await asyncio.sleep(0)
+
+        async def read() -> None:
+            async for event in subscription:
+                seen.append(progress(event))
+                assert len(subscription._buffer or ()) < 2 * page
+                await asyncio.sleep(0)  # lag: the tail fills the buffer meanwhile
+
+        await asyncio.wait_for(read(), 30)  # polls are an hour apart
         assert seen == [*range(100), ("response", 1)]
 
 
@@ -238,22 +244,6 @@ async def test_a_failed_query_after_the_streams_end_was_taken_does_not_fail_its_
     subscription._fail(ConnectionError("a later catch-up query failed"))  # as the tail does
     rest = await collect(subscription)
     assert [progress(e) for e in rest] == [1, 2, ("response", 1)]
-
-
-async def test_a_lagging_reader_with_pages_of_one_event_reads_on(dsn: str) -> None:
-    async with await PostgresEventStore.connect(dsn, replay_batch_size=1, poll_interval=3600) as store:
-        view = store.session("s")
-        cursor = await progress_stream(view, 5)
-        subscription = view.subscribe(cursor)
-        seen = []
-
-        async def read() -> None:
-            async for event in subscription:
-                seen.append(progress(event))
-                await asyncio.sleep(0)  # lag: the tail fills the buffer meanwhile
-
-        await asyncio.wait_for(read(), 30)  # polls are an hour apart
-        assert seen == [*range(5), ("response", 1)]
 
 
 async def test_each_reader_decodes_its_own_rows_as_it_reads_them(
