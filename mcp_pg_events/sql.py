@@ -256,22 +256,31 @@ JOIN mcp_events_sessions se ON se.id = st.session_id
 WHERE st.id = $1 AND st.tag = $2
 """
 
-# Resolve a replay cursor: the stream's id (in full, also when the indexed name is
-# its hash) when the cursor event still exists and belongs to this session, the
-# newest message at or before the cursor (a subscription whose cursor is at or
-# past the response of its request has nothing to wait for), and the worker that
-# runs its request. A foreign, forged or expired cursor gives no row.
+# The stream (st) of a client's cursor, when the cursor's event still exists and
+# the stream belongs to this session; no row for a foreign, forged or expired
+# cursor. Every read that starts from a cursor goes through this one check; the
+# statements below join it to constants of their own (S608: no input is joined).
 # $1 stream key, $2 seq, $3 tag, $4 session key
-CURSOR_STREAM = """
-SELECT coalesce(st.full_name, st.name) AS name, st.worker_id,
-    (SELECT e.message FROM mcp_events_events e
-     WHERE e.stream_key = $1 AND e.seq <= $2 AND e.message IS NOT NULL
-     ORDER BY e.seq DESC LIMIT 1) AS last_message
+_CURSOR_IN_SESSION = """
 FROM mcp_events_streams st
 JOIN mcp_events_sessions se ON se.id = st.session_id
 WHERE st.id = $1 AND st.tag = $3 AND se.key = $4
   AND EXISTS (SELECT FROM mcp_events_events e WHERE e.stream_key = $1 AND e.seq = $2)
 """
+
+# Resolve a subscription's cursor: the stream's id (in full, also when the indexed
+# name is its hash), the newest message at or before the cursor (a subscription
+# whose cursor is at or past the response of its request has nothing to wait for),
+# and the worker that runs its request.
+# $1 stream key, $2 seq, $3 tag, $4 session key
+CURSOR_STREAM = (
+    """
+SELECT coalesce(st.full_name, st.name) AS name, st.worker_id,
+    (SELECT e.message FROM mcp_events_events e
+     WHERE e.stream_key = $1 AND e.seq <= $2 AND e.message IS NOT NULL
+     ORDER BY e.seq DESC LIMIT 1) AS last_message"""  # noqa: S608
+    + _CURSOR_IN_SESSION
+)
 
 # One page of a replay, in order, priming rows skipped. Pages keep memory bounded
 # and no transaction stays open while the client is slow.
@@ -291,22 +300,19 @@ ORDER BY seq
 LIMIT (SELECT $3::int)
 """
 
-# A replay's cursor check and its first page in one round trip: CURSOR_STREAM's
-# check (what only a subscription needs left out; keep the two alike), and
-# REPLAY_PAGE's page, read only when the check passed. Rows are (name, seq,
-# message) in seq order; the stream's name (a client's request id, up to 1 MiB)
-# on the first row only. One row with a NULL seq when nothing follows the
-# cursor; none when the cursor is not valid in this session.
+# A replay's cursor check and its first page in one round trip: the cursor's
+# check (_CURSOR_IN_SESSION), and REPLAY_PAGE's page, read only when it passed.
+# Rows are (name, seq, message) in seq order; the stream's name (a client's
+# request id, up to 1 MiB) on the first row only. One row with a NULL seq when
+# nothing follows the cursor; none when the cursor is not valid in this session.
 # $1 stream key, $2 seq after which to read, $3 tag, $4 session key, $5 page size
-REPLAY_FROM_CURSOR = """
+REPLAY_FROM_CURSOR = (
+    """
 SELECT CASE WHEN e.n IS NULL OR e.n = 1 THEN c.name END AS name, e.seq, e.message
 FROM (
-    SELECT coalesce(st.full_name, st.name) AS name
-    FROM mcp_events_streams st
-    JOIN mcp_events_sessions se ON se.id = st.session_id
-    WHERE st.id = $1 AND st.tag = $3 AND se.key = $4
-      AND EXISTS (SELECT FROM mcp_events_events e WHERE e.stream_key = $1 AND e.seq = $2)
-) AS c
+    SELECT coalesce(st.full_name, st.name) AS name"""  # noqa: S608
+    + _CURSOR_IN_SESSION
+    + """) AS c
 LEFT JOIN LATERAL (
     SELECT seq, message, row_number() OVER (ORDER BY seq) AS n
     FROM (
@@ -318,6 +324,7 @@ LEFT JOIN LATERAL (
 ) AS e ON true
 ORDER BY e.seq
 """
+)
 
 # The next page of many live subscriptions at once, each after its own cursor,
 # priming rows included (they move a cursor on). One query per wake-up, however
