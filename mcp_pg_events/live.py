@@ -348,6 +348,7 @@ class LiveTail:
         self._orphans = orphans
         self._poll_interval = settings.poll_interval
         self.page_size = settings.replay_batch_size
+        self._first_page = min(FIRST_PAGE, self.page_size)
         self._fetch_batch = settings.tail_batch
         self._by_stream: dict[int, set[Follower]] = {}
         self._due: dict[Follower, None] = {}  # insertion-ordered set
@@ -518,7 +519,6 @@ class LiveTail:
             self._read_payloads()
             self._due_event.clear()
             while self._due:
-                first_page = min(FIRST_PAGE, self.page_size)
                 batch: list[Follower] = []
                 rows = 0
                 while self._due and len(batch) < self._fetch_batch and rows < ROWS_PER_FETCH:
@@ -526,11 +526,11 @@ class LiveTail:
                     del self._due[sub]
                     if sub._tail is self and sub._ready():
                         batch.append(sub)
-                        rows += first_page if sub._new else self.page_size if sub._behind else 1
+                        rows += self._first_page if sub._new else self.page_size if sub._behind else 1
                 new = [sub for sub in batch if sub._new]
                 if new:
                     batch = [sub for sub in batch if not sub._new]
-                    await self._fetch_or_fail(new, first_page)
+                    await self._fetch_or_fail(new, self._first_page)
                 if batch:
                     await self._fetch_or_fail(batch, self.page_size)
 
