@@ -18,7 +18,7 @@ import sys
 import time
 import tracemalloc
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -288,3 +288,21 @@ def describe_environment(config: dict[str, Any]) -> str:
         f"mcp-pg-events {config['store_commit']}, mcp {config['mcp']}, "
         f"Python {config['python']}, {config['cpus']} CPUs"
     )
+
+
+async def paced(write: Callable[[], Awaitable[object]], interval: float, stop: asyncio.Event) -> int:
+    """``write`` once per ``interval`` seconds until ``stop`` is set; how many were written.
+
+    Paced, not back to back: a server's progress notifications come at the tool's
+    pace. A writer that fell behind (a write slower than ``interval``) does not
+    burst to catch up.
+    """
+    loop = asyncio.get_running_loop()
+    due = loop.time()
+    done = 0
+    while not stop.is_set():
+        await write()
+        done += 1
+        due = max(due + interval, loop.time())
+        await asyncio.sleep(due - loop.time())
+    return done

@@ -66,6 +66,7 @@ from _common import (
     latency_summary,
     log,
     measure_replay,
+    paced,
     parts_of,
     progress_notification,
     replay_count,
@@ -520,20 +521,6 @@ async def replay_peers(
             }
         )
     return {"rounds": rounds, "resumes": resumes, "rows": rows}
-
-
-async def paced(write: Write, interval: float, stop: asyncio.Event) -> int:
-    """``write`` once per ``interval`` seconds (or back to back when it is slower) until ``stop``."""
-    loop = asyncio.get_running_loop()
-    due = loop.time()
-    done = 0
-    while not stop.is_set():
-        await write()
-        done += 1
-        due += interval
-        if (wait := due - loop.time()) > 0:
-            await asyncio.sleep(wait)
-    return done
 
 
 async def replays_under_writes(

@@ -44,6 +44,7 @@ from _common import (
     execute,
     latency_summary,
     log,
+    paced,
     parts_of,
     payload,
     progress_notification,
@@ -180,17 +181,13 @@ async def latency_part(
             view = store.session(f"writer-{i}")
             message = progress_notification(f"writer-{i}", i, "x" * 100)
             await view.store_event("1", message)  # creates the stream: not measured
-            loop = asyncio.get_running_loop()
-            due = loop.time()
-            while not stop.is_set():
+
+            async def timed() -> None:
                 start = time.perf_counter()
                 await view.store_event("1", message)
                 samples.append((start, time.perf_counter() - start))
-                due += interval
-                # Paced, not back to back: a server's progress notifications come
-                # at the tool's pace. A writer that fell behind does not burst.
-                due = max(due, loop.time())
-                await asyncio.sleep(due - loop.time())
+
+            await paced(timed, interval, stop)
 
         tasks = [asyncio.create_task(write(i)) for i in range(writers)]
         try:
