@@ -310,8 +310,6 @@ class Subscription(Follower):
 
     def _fail(self, error: BaseException) -> None:
         """The reader gets ``error``; the tail forgets this subscription."""
-        if self._complete or self._closed:
-            return  # its reader has read the stream's end already: a later query is not its concern
         self._error = error
         if self._tail is not None:
             self._tail.remove(self)
@@ -539,8 +537,14 @@ class LiveTail:
             await self._fetch(batch, limit)
         except Exception as exc:  # fail these followers, never the tail itself
             logger.exception("live tail: delivery failed")
-            for sub in batch:
-                sub._fail(exc)
+            self._fail_followed(batch, exc)
+
+    def _fail_followed(self, batch: list[Follower], error: BaseException) -> None:
+        # Only those still followed: one whose reader read its stream's end, or left,
+        # while the query ran has nothing more to learn from it.
+        for sub in batch:
+            if sub._tail is self:
+                sub._fail(error)
 
     async def _fetch(self, batch: list[Follower], limit: int) -> None:
         keys = [sub.stream_key for sub in batch]
@@ -548,8 +552,7 @@ class LiveTail:
             rows = await self._db.fetch(sql.TAIL_PAGES, keys, [sub.after for sub in batch], limit)
         except Exception as exc:
             logger.warning("live tail: catch-up query failed: %r", exc)
-            for sub in batch:
-                sub._fail(exc)
+            self._fail_followed(batch, exc)
             return
         metrics.fetched(len(rows))
         by_index: dict[int, list[asyncpg.Record]] = {}
