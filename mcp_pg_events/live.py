@@ -91,12 +91,11 @@ class Follower:
         """False while the follower holds as much as it may: the tail skips it until it marks itself again."""
         return True
 
-    def _take(self, rows: list[asyncpg.Record], shared: dict[int, Any] | None, more: bool) -> bool:
-        """Take the rows (``(index, seq, message)``) after the cursor; True when done following.
+    def _take(self, rows: list[asyncpg.Record], shared: dict[int, Any] | None) -> None:
+        """Take the rows (``(index, seq, message)``) after the cursor, and move the cursor on.
 
         ``shared`` (None when this follower is its stream's only one in the fetch)
-        caches decoded messages by seq for the stream's other followers; ``more``
-        says a full page came, and more may follow at once.
+        caches decoded messages by seq for the stream's other followers.
         """
         raise NotImplementedError
 
@@ -147,10 +146,9 @@ class StreamFollower(Follower):
     def _ready(self) -> bool:
         return not self._paused
 
-    def _take(self, rows: list[asyncpg.Record], shared: dict[int, Any] | None, more: bool) -> bool:
+    def _take(self, rows: list[asyncpg.Record], shared: dict[int, Any] | None) -> None:
         self.after = rows[-1][1]
         self._on_rows([(seq, data) for _, seq, data in rows])
-        return False
 
     def _fail(self, error: BaseException) -> None:
         logger.warning(
@@ -270,12 +268,12 @@ class Subscription(Follower):
     def _tail_page(self) -> int:
         return self._tail.page_size if self._tail is not None else 0
 
-    def _take(self, rows: list[asyncpg.Record], shared: dict[int, Any] | None, more: bool) -> bool:
+    def _take(self, rows: list[asyncpg.Record], shared: dict[int, Any] | None) -> None:
         # Rows only: the reader decodes them in its own task (``_event``), so that the
         # fetch task's round costs no decoding, and a crowd of resumed streams each gets
         # its first event as soon as the query returns, not after all were decoded.
-        if self._closed:
-            return True
+        # The reader also ends the following, at the stream's end (a closed one is
+        # no longer followed, so never gets here).
         buffer = self._buffer
         if buffer is None:
             buffer = self._buffer = deque()
@@ -284,7 +282,6 @@ class Subscription(Follower):
                 buffer.append((seq, data, shared))
         self.after = rows[-1][1]
         self._wake()
-        return False
 
     async def _event(self, seq: int, data: bytes, shared: dict[int, Any] | None) -> EventMessage:
         """The event of row ``seq``; after the response that ends the stream, stop following."""
@@ -570,14 +567,12 @@ class LiveTail:
             if not sub_rows or sub._tail is not self:
                 continue
             try:
-                done = sub._take(sub_rows, shared.get(sub.stream_key), more)
+                sub._take(sub_rows, shared.get(sub.stream_key))
             except Exception as exc:  # one follower's failure is its own
                 logger.exception("live tail: a follower of stream %s failed", sub.stream_key)
                 sub._fail(exc)
                 continue
-            if done:
-                self.remove(sub)
-            elif more and sub._tail is self:
+            if more and sub._tail is self:
                 self.mark(sub)  # more to read
 
     async def _poll_loop(self) -> None:
